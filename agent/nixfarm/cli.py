@@ -1,0 +1,227 @@
+"""The `nixfarm` command line.
+
+Exit codes (README "Exit codes"): 0 success; 1 refused or failed; 2 bad
+command line or configuration; 3 the machine lacks something (no Nix store);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import NoReturn
+
+from . import __version__
+from .config import AgentConfig, load_config
+from .errors import NixfarmError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.05 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0.05 to 86400 seconds)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for every subcommand."""
+    parser = _Parser(
+        prog="nixfarm",
+        description="Agent and dispatcher of a self-hosted Nix build farm.",
+        epilog="Exit codes: 0 ok, 1 refused or failed, 2 bad usage or config, "
+        "3 machine lacks something (e.g. no Nix store), 130 interrupted.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"nixfarm {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="agent config (JSON); default $NIXFARM_CONFIG or /etc/nixfarm/agent.json if present",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("metrics", help="print one snapshot of this builder", allow_abbrev=False,
+                       description="Print one metrics snapshot of this builder (README: 'The metrics snapshot').")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON (the default)")
+    fmt.add_argument("--prometheus", dest="format", action="store_const", const="prometheus",
+                     help="Prometheus text exposition format")
+    p.set_defaults(format="json")
+
+    p = sub.add_parser("stream", help="print a snapshot per line until stdin closes", allow_abbrev=False,
+                       description="Print one JSON snapshot per line every INTERVAL seconds, until stdin "
+                       "closes or the reader goes away; then exit 0.")
+    p.add_argument("--interval", type=_interval, default=5.0, metavar="SECONDS", help="default 5")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N snapshots")
+
+    p = sub.add_parser("gateway", help="SSH forced command for client keys (see README)", allow_abbrev=False,
+                       description="Run the command in SSH_ORIGINAL_COMMAND if ROLE allows it; refuse "
+                       "anything else. Used in authorized_keys as "
+                       'restrict,command="nixfarm gateway --client NAME --role ROLE".')
+    p.add_argument("--client", required=True, help="the client this key belongs to (for logs)")
+    p.add_argument("--role", required=True, help="build, metrics or admin")
+
+    p = sub.add_parser("agent", help="the builder service (sd_notify, watchdog)", allow_abbrev=False,
+                       description="Run the builder agent: readiness and watchdog for systemd, "
+                       "a status line, and (later) store GC.")
+    p.add_argument("--interval", type=_interval, default=10.0, metavar="SECONDS",
+                   help="seconds between checks (default 10)")
+    return parser
+
+
+def _report_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"nixfarm: warning: {w}", file=sys.stderr)
+
+
+def print_metrics(config: AgentConfig, output_format: str) -> int:
+    """`nixfarm metrics`: one snapshot on stdout."""
+    from .metrics import Collector
+
+    collector = Collector(config)
+    try:
+        snap = collector.snapshot()
+    finally:
+        collector.close()
+    if output_format == "prometheus":
+        from .prometheus import render
+
+        sys.stdout.write(render(snap))
+    else:
+        indent = 2 if sys.stdout.isatty() else None
+        sys.stdout.write(json.dumps(snap, indent=indent, sort_keys=True) + "\n")
+    sys.stdout.flush()
+    _report_warnings(collector.take_warnings())
+    return 0
+
+
+def _stdin_closed(timeout: float) -> bool:
+    """Wait up to `timeout` s; True once stdin reaches end of file (the session closed)."""
+    try:
+        ready, _, _ = select.select([0], [], [], timeout)
+    except (OSError, ValueError):  # no stdin at all
+        time.sleep(timeout)
+        return False
+    if not ready:
+        return False
+    try:
+        return os.read(0, 65536) == b""  # input is ignored; only its end matters
+    except OSError:
+        return True
+
+
+def run_stream(config: AgentConfig, interval: float, count: int | None = None) -> int:
+    """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks."""
+    from .metrics import Collector
+
+    # The session may end with SIGHUP or SIGPIPE; both mean "done", quietly.
+    signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    collector = Collector(config)
+    deadline = time.monotonic() + config.stream_max_seconds
+    sent = 0
+    try:
+        while True:
+            line = json.dumps(collector.snapshot(), sort_keys=True).encode() + b"\n"
+            try:
+                os.write(1, line)  # unbuffered: a reader sees each line at once
+            except BrokenPipeError:
+                return 0
+            _report_warnings(collector.take_warnings())
+            sent += 1
+            if count is not None and sent >= count:
+                return 0
+            if time.monotonic() >= deadline or _stdin_closed(interval):
+                return 0
+    finally:
+        collector.close()
+
+
+def run_agent(config: AgentConfig, interval: float) -> int:
+    """`nixfarm agent`: READY=1 once a snapshot works, then watchdog pings and a status line."""
+    from . import logs
+    from .metrics import Collector
+    from .notify import notify, watchdog_interval
+
+    log = logs.setup("nixfarm.agent", "nixfarm-agent")
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    collector = Collector(config)
+    tick = min(interval, watchdog_interval() or interval)
+    next_check = 0.0
+    ready = False
+    try:
+        while not stopping:
+            now = time.monotonic()
+            if now >= next_check:
+                snap = collector.snapshot()
+                for warning in collector.take_warnings():
+                    log.warning("%s", warning)
+                status = (
+                    f"store {snap['store']['free_bytes'] / 2**30:.1f} GiB free, "
+                    f"{snap['builds']['active']} builds running"
+                )
+                notify(f"STATUS={status}")
+                if not ready:
+                    notify("READY=1")
+                    log.info("ready: %s", status)
+                    ready = True
+                next_check = now + interval
+            notify("WATCHDOG=1")
+            time.sleep(tick)
+    finally:
+        collector.close()
+    notify("STOPPING=1")
+    log.info("stopping")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand, turning expected failures into exit codes."""
+    try:
+        args = build_parser().parse_args(argv)
+        config = load_config(args.config)
+        if args.command == "metrics":
+            return print_metrics(config, args.format)
+        if args.command == "stream":
+            return run_stream(config, args.interval, args.count)
+        if args.command == "gateway":
+            from . import gateway
+
+            return gateway.run(args.client, args.role, config)
+        if args.command == "agent":
+            return run_agent(config, args.interval)
+        raise UsageError(f"unknown command {args.command}")
+    except NixfarmError as e:
+        print(f"nixfarm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    sys.exit(main())

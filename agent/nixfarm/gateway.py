@@ -1,0 +1,195 @@
+"""The SSH forced command: the only thing a client key can run on a builder.
+
+sshd runs `nixfarm gateway --client NAME --role ROLE` for every session of a
+key whose authorized_keys line carries `restrict,command="..."`. The command
+the client asked for is in SSH_ORIGINAL_COMMAND. We never hand it to a
+shell: it must be one of a few exact argv forms, made only of plain
+characters, and is then either exec'd (Nix's own protocols) or run in this
+process (nixfarm's read-only commands), with every option checked here
+rather than passed through.
+
+Roles:
+  metrics  `nixfarm metrics [--json|--prometheus]`, `nixfarm stream [--interval S]`
+  build    metrics, plus `nix-daemon --stdio` (ssh-ng://) and
+           `nix-store --serve [--write]` (ssh://)
+  admin    build, plus store GC control (added with the GC)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from . import logs
+from .config import AgentConfig
+from .errors import RefusedError, UsageError
+
+ROLES = ("build", "metrics", "admin")
+MAX_COMMAND_BYTES = 4096
+# Everything a legitimate command needs; no quote, $, ;, &, |, <, >, `, *, newline...
+_PLAIN = re.compile(r"[A-Za-z0-9 ._/=:,+-]*")
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Searched in order for nix-daemon and nix-store. Fixed on purpose: the session's
+# PATH is whatever sshd set, and we do not want it to decide what runs.
+NIX_BIN_PATH = (
+    "/run/current-system/sw/bin",
+    "/nix/var/nix/profiles/default/bin",
+    "/usr/local/bin",
+    "/usr/bin",
+    "/bin",
+)
+STREAM_INTERVAL_RANGE = (0.2, 3600.0)
+
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gateway will do: exec a Nix program, or run a nixfarm command."""
+
+    action: str  # "exec" | "metrics" | "stream"
+    argv: tuple[str, ...]
+    output_format: str = "json"  # metrics: json | prometheus
+    interval: float = 5.0  # stream
+
+
+_NIX_COMMANDS: dict[tuple[str, ...], str] = {
+    ("nix-daemon", "--stdio"): "build",
+    ("nix-store", "--serve"): "build",
+    ("nix-store", "--serve", "--write"): "build",
+}
+_ROLE_GRANTS = {
+    "metrics": {"metrics"},
+    "build": {"metrics", "build"},
+    "admin": {"metrics", "build", "admin"},
+}
+
+
+def split_command(command: str | None) -> list[str]:
+    """SSH_ORIGINAL_COMMAND as argv, or RefusedError saying what is wrong with it."""
+    if command is None:
+        raise RefusedError("interactive login is not allowed: this key only runs Nix and nixfarm commands")
+    size = len(command.encode("utf-8", "surrogateescape"))
+    if size > MAX_COMMAND_BYTES:
+        raise RefusedError(f"command too long ({size} bytes; at most {MAX_COMMAND_BYTES})")
+    if not _PLAIN.fullmatch(command):
+        bad = next(c for c in command if not _PLAIN.fullmatch(c))
+        raise RefusedError(f"character {bad!r} is not allowed: commands are argv words, not shell")
+    argv = command.split()
+    if not argv:
+        raise RefusedError("empty command")
+    return argv
+
+
+def decide(argv: list[str], role: str) -> Decision:
+    """Map an argv to what this role may do with it, or raise RefusedError."""
+    grants = _ROLE_GRANTS[role]
+    needed = _NIX_COMMANDS.get(tuple(argv))
+    if needed is not None:
+        if needed not in grants:
+            raise RefusedError(f"'{' '.join(argv)}' needs the {needed} role; this key has the {role} role")
+        return Decision("exec", tuple(argv))
+    if argv[0] != "nixfarm" or len(argv) < 2:
+        raise RefusedError(f"command '{argv[0]}' is not allowed (allowed: {allowed_summary(role)})")
+    sub, options = argv[1], argv[2:]
+    if sub == "metrics":
+        formats = {(): "json", ("--json",): "json", ("--prometheus",): "prometheus"}
+        if tuple(options) not in formats:
+            raise RefusedError(f"nixfarm metrics takes --json or --prometheus, not {' '.join(options)!r}")
+        return Decision("metrics", tuple(argv), output_format=formats[tuple(options)])
+    if sub == "stream":
+        return Decision("stream", tuple(argv), interval=_stream_interval(options))
+    raise RefusedError(f"nixfarm {sub} is not allowed (allowed: {allowed_summary(role)})")
+
+
+def _stream_interval(options: list[str]) -> float:
+    if not options:
+        return 5.0
+    low, high = STREAM_INTERVAL_RANGE
+    if len(options) == 2 and options[0] == "--interval":
+        try:
+            value = float(options[1])
+        except ValueError:
+            value = -1.0
+        if low <= value <= high:
+            return value
+    raise RefusedError(f"nixfarm stream takes only --interval SECONDS ({low} to {high})")
+
+
+def allowed_summary(role: str) -> str:
+    """The commands a role may run, for refusal messages."""
+    grants = _ROLE_GRANTS[role]
+    allowed = ["nixfarm metrics", "nixfarm stream"]
+    if "build" in grants:
+        allowed += [" ".join(c) for c in _NIX_COMMANDS]
+    return ", ".join(allowed)
+
+
+def check_session(environ: dict[str, str]) -> None:
+    """Refuse sessions sshd should never have given this key (defence in depth).
+
+    `restrict` in authorized_keys already forbids these; if we see them anyway
+    the builder's sshd is misconfigured and we would rather stop.
+    """
+    if environ.get("SSH_AUTH_SOCK"):
+        raise RefusedError("agent forwarding is not allowed for this key")
+    if environ.get("SSH_TTY") or os.isatty(0):
+        raise RefusedError("a terminal was requested: this key only runs Nix and nixfarm commands")
+    if environ.get("DISPLAY"):
+        raise RefusedError("X11 forwarding is not allowed for this key")
+
+
+def resolve_program(name: str, config: AgentConfig) -> str:
+    """Absolute path of nix-daemon or nix-store, from config or the fixed path."""
+    dirs = (config.nix_bin_dir,) if config.nix_bin_dir else NIX_BIN_PATH
+    for d in dirs:
+        path = os.path.join(d, name)
+        if os.access(path, os.X_OK):
+            return path
+    raise RefusedError(f"{name} not found on this builder (looked in {', '.join(dirs)})")
+
+
+def validate_invocation(client: str, role: str) -> None:
+    """Check the forced command's own arguments (written by the admin, not the client)."""
+    if not _CLIENT_NAME.fullmatch(client):
+        raise UsageError(f"--client {client!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    if role not in ROLES:
+        raise UsageError(f"--role {role!r}: must be one of {', '.join(ROLES)}")
+
+
+def _describe(command: str | None) -> str:
+    if command is None:
+        return "(login)"
+    shown = command[:200] + ("..." if len(command) > 200 else "")
+    return repr(shown)
+
+
+def run(client: str, role: str, config: AgentConfig) -> int:
+    """Decide on SSH_ORIGINAL_COMMAND and carry it out; returns an exit code."""
+    validate_invocation(client, role)
+    # Without a journal or log file, the refusal line printed below is the only
+    # record: stderr reaches the client, which must never see accepted commands.
+    log = logs.setup("nixfarm.gateway", "nixfarm-gateway", config.gateway_log, logging.CRITICAL + 1)
+    command = os.environ.get("SSH_ORIGINAL_COMMAND")
+    peer = os.environ.get("SSH_CONNECTION", "").split(" ")[0] or "local"
+    try:
+        check_session(dict(os.environ))
+        decision = decide(split_command(command), role)
+        if decision.action == "exec":
+            program = resolve_program(decision.argv[0], config)
+    except RefusedError as e:
+        log.warning("refused client=%s role=%s from=%s command=%s: %s", client, role, peer, _describe(command), e)
+        print(f"nixfarm gateway: refused: {e}", file=sys.stderr)
+        return 1
+    log.info("allowed client=%s role=%s from=%s command=%s", client, role, peer, _describe(command))
+    if decision.action == "exec":
+        env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
+        env["NIXFARM_CLIENT"] = client
+        os.execve(program, list(decision.argv), env)
+    from . import cli  # the read-only commands, run in this process
+
+    if decision.action == "metrics":
+        return cli.print_metrics(config, decision.output_format)
+    return cli.run_stream(config, decision.interval)

@@ -1,0 +1,241 @@
+"""One snapshot of a builder: what a dispatcher needs to decide where builds go.
+
+A `Collector` keeps what is expensive to set up (a netlink socket, a D-Bus
+connection, the build users' UIDs, where nix-daemon's cgroup is) and takes a
+snapshot in a few milliseconds: no subprocesses, a handful of small reads.
+
+The snapshot is a plain dict, versioned by `SCHEMA`; README.md documents each
+field. Values that cannot be read on this machine are null, with a reason in
+the section's `error` field, rather than failing the whole snapshot; only a
+missing store is fatal (a builder without a store is not a builder).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import socket
+import time
+from typing import Any
+
+from . import __version__, cgroups
+from .config import AgentConfig
+from .errors import EnvironmentProblem
+from .nixconf import load_nix_settings
+
+SCHEMA = 1
+# Nix's auto-allocate-uids hands each build a block of 2^16 UIDs from this start.
+AUTO_UID_START = 872415232
+AUTO_UID_BLOCK = 1 << 16
+
+
+def read_loadavg() -> dict[str, float]:
+    """The 1/5/15-minute load averages."""
+    one, five, fifteen = os.getloadavg()
+    return {"avg1": one, "avg5": five, "avg15": fifteen}
+
+
+def read_psi(proc: str = "/proc") -> dict[str, float] | None:
+    """PSI avg10 for cpu, memory and io, or None where the kernel has no PSI."""
+    result: dict[str, float] = {}
+    for resource in ("cpu", "memory", "io"):
+        try:
+            with open(f"{proc}/pressure/{resource}") as f:
+                text = f.read()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            kind, *pairs = line.split()
+            for pair in pairs:
+                name, _, value = pair.partition("=")
+                if name == "avg10":
+                    result[f"{resource}_{kind}_avg10"] = float(value)
+    return result
+
+
+def read_meminfo(proc: str = "/proc") -> dict[str, int]:
+    """Total and available memory in bytes."""
+    wanted = {"MemTotal": "total_bytes", "MemAvailable": "available_bytes"}
+    result: dict[str, int] = {}
+    with open(f"{proc}/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in wanted:
+                result[wanted[key]] = int(rest.split()[0]) * 1024
+                if len(result) == len(wanted):
+                    break
+    return result
+
+
+def read_store_fs(store_dir: str) -> dict[str, Any]:
+    """Free and total bytes and inodes of the filesystem holding the store."""
+    try:
+        st = os.statvfs(store_dir)
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"Nix store {store_dir} does not exist; is Nix installed? "
+            "(set store_dir in the agent config if it lives elsewhere)"
+        ) from None
+    except OSError as e:
+        raise EnvironmentProblem(f"cannot stat Nix store {store_dir}: {e.strerror}") from None
+    return {
+        "path": store_dir,
+        "free_bytes": st.f_bavail * st.f_frsize,
+        "total_bytes": st.f_blocks * st.f_frsize,
+        "free_inodes": st.f_favail,
+        "total_inodes": st.f_files,
+    }
+
+
+def build_user_uids(group: str) -> frozenset[int]:
+    """UIDs of the build users (members of `group`, or with it as primary group)."""
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return frozenset()
+    uids = set()
+    for name in entry.gr_mem:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            continue
+    uids.update(p.pw_uid for p in pwd.getpwall() if p.pw_gid == entry.gr_gid)
+    return frozenset(uids)
+
+
+def count_active_builds(build_uids: frozenset[int], proc: str = "/proc") -> int:
+    """How many builds run now, from the processes the machine really has.
+
+    Nix runs each build under its own build user (or its own block of
+    auto-allocated UIDs) and kills every process of that user when the build
+    ends, so the number of distinct build users with a process is the number
+    of builds running.
+    """
+    active: set[int] = set()
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                uid = entry.stat(follow_symlinks=False).st_uid
+            except OSError:  # the process exited while we looked
+                continue
+            if uid in build_uids:
+                active.add(uid)
+            elif uid >= AUTO_UID_START:
+                active.add(-1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK)
+    return len(active)
+
+
+def read_gc_state(state_dir: str) -> dict[str, Any]:
+    """The store GC's last known state, as the agent left it in its state file."""
+    state: dict[str, Any] = {
+        "running": False,
+        "last_run": None,
+        "bytes_freed": None,
+        "duration_seconds": None,
+        "error": None,
+    }
+    try:
+        with open(os.path.join(state_dir, "gc-state.json")) as f:
+            saved = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return state
+    if isinstance(saved, dict):
+        state.update({k: saved[k] for k in state if k in saved})
+    return state
+
+
+class NetworkCounters:
+    """Bytes received and sent on the builder's interfaces, read over netlink."""
+
+    def __init__(self, interfaces: tuple[str, ...]) -> None:
+        from pyroute2 import IPRoute  # ~130 ms to import: only where metrics are taken
+
+        self._ipr = IPRoute()
+        self._interfaces = set(interfaces)
+        self._last: tuple[float, int, int] | None = None
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def read(self) -> dict[str, Any]:
+        """Counters since boot, and rates since the previous read (None on the first)."""
+        rx = tx = 0
+        for link in self._ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if self._interfaces and name not in self._interfaces:
+                continue
+            if not self._interfaces and name == "lo":
+                continue
+            stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
+            if stats:
+                rx += stats["rx_bytes"]
+                tx += stats["tx_bytes"]
+        now = time.monotonic()
+        rates: dict[str, float | None] = {"rx_bytes_per_second": None, "tx_bytes_per_second": None}
+        if self._last is not None and now > self._last[0]:
+            dt = now - self._last[0]
+            rates = {
+                "rx_bytes_per_second": max(0, rx - self._last[1]) / dt,
+                "tx_bytes_per_second": max(0, tx - self._last[2]) / dt,
+            }
+        self._last = (now, rx, tx)
+        return {"rx_bytes_total": rx, "tx_bytes_total": tx, **rates}
+
+
+class Collector:
+    """Takes snapshots; create once, call `snapshot()` as often as needed."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.warnings: list[str] = []
+        self._build_uids = build_user_uids(config.build_users_group)
+        self._memory = cgroups.DaemonMemoryReader(config.nix_daemon_unit)
+        try:
+            self._network: NetworkCounters | None = NetworkCounters(config.network_interfaces)
+        except OSError as e:
+            self._network = None
+            self.warnings.append(f"network counters unavailable: {e}")
+
+    def close(self) -> None:
+        if self._network:
+            self._network.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """One snapshot as a JSON-ready dict (see README: "The metrics snapshot")."""
+        store = read_store_fs(self.config.store_dir)
+        nix = load_nix_settings(self.config.nix_conf_dir)
+        memory = self._memory.read()
+        if memory.get("error"):
+            self.warnings.append(f"nix-daemon memory: {memory['error']}")
+        return {
+            "schema": SCHEMA,
+            "agent_version": __version__,
+            "hostname": socket.gethostname(),
+            "timestamp": time.time(),
+            "systems": list(nix.systems),
+            "features": list(nix.features),
+            "cpus": len(os.sched_getaffinity(0)),
+            "load": read_loadavg(),
+            "psi": read_psi(),
+            "memory": read_meminfo(),
+            "store": store,
+            "nix_daemon_memory": memory,
+            "builds": {"active": count_active_builds(self._build_uids)},
+            "nix_config": {
+                "max_jobs": nix.max_jobs,
+                "cores": nix.cores,
+                "min_free_bytes": nix.min_free_bytes,
+                "max_free_bytes": nix.max_free_bytes,
+            },
+            "network": self._network.read() if self._network else None,
+            "gc": read_gc_state(self.config.state_dir),
+        }
+
+    def take_warnings(self) -> list[str]:
+        """Warnings gathered since the last call (each reported once)."""
+        out, self.warnings = self.warnings, []
+        return list(dict.fromkeys(out))

@@ -1,0 +1,412 @@
+"""A local multi-host build farm made of real components (see DESIGN.md "How we test").
+
+Each builder is a network namespace (pyroute2: netns, veth, addresses) with
+its own mount and PID namespaces, its own tmpfs /nix of a given size, its own
+/etc/nix, nix-daemon, OpenSSH sshd with its own host key, and a builder user
+whose authorized_keys lines force `nixfarm gateway`. The client is the host
+namespace, using the host's Nix and ssh.
+
+    with Farm() as farm:
+        farm.add_client("alice")
+        b = farm.add_builder("b1", clients={"alice": "build"})
+        farm.ssh("alice", b, "nixfarm metrics --json")
+
+Closing the farm (also on an exception) kills each builder's PID namespace,
+removes its netns, veth and cgroup and deletes the farm's directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS, netns
+
+BUILDER_USER = "nixfarm"
+BUILDER_HOME = "/var/lib/nixfarm-builder"
+PREFIX = "nft"  # names of every netns, veth and cgroup the harness makes
+CGROUP_ROOT = "/sys/fs/cgroup"
+HERE = Path(__file__).resolve().parent
+
+
+class FarmError(RuntimeError):
+    """The harness could not set up or reach a builder."""
+
+
+def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run argv, check it, return its text output."""
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def program(name: str) -> str:
+    path = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if not path:
+        raise FarmError(f"{name} is not installed (tests/run installs it)")
+    return path
+
+
+def ensure_builder_user() -> None:
+    """The builder user sshd lets in; shared by all harness builders (own keys each)."""
+    try:
+        run(["getent", "passwd", BUILDER_USER])
+    except subprocess.CalledProcessError:
+        os.makedirs(BUILDER_HOME, mode=0o755, exist_ok=True)
+        run(["useradd", "--system", "--home-dir", BUILDER_HOME, "--shell", "/bin/sh", BUILDER_USER])
+    # sshd refuses locked accounts ('!' in /etc/shadow); '*' means "no password" instead.
+    run(["usermod", "-p", "*", BUILDER_USER])
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+
+
+def memory_cgroup_kind() -> str:
+    """'v1' where the memory controller is on cgroup v1 (this machine), else 'v2'."""
+    if os.path.isdir(f"{CGROUP_ROOT}/memory"):
+        return "v1"
+    return "v2"
+
+
+@dataclass
+class Builder:
+    """One harness builder; `address` is reachable from the host namespace."""
+
+    name: str
+    index: int
+    farm_id: str
+    root: Path
+    store_size: str
+    address: str = ""
+    host_key: str = ""  # "ssh-ed25519 AAAA..." (public)
+    unshare: subprocess.Popen[bytes] | None = None
+    init_pid: int = 0  # PID of its init, as the host sees it
+    cgroup: str = ""  # absolute cgroup directory, if a memory cgroup was made
+    clients: dict[str, str] = field(default_factory=dict)  # client -> role
+
+    @property
+    def netns(self) -> str:
+        return f"{PREFIX}{self.farm_id}-{self.name}"
+
+    @property
+    def host_veth(self) -> str:
+        return f"{PREFIX}{self.farm_id}v{self.index}"  # <= 15 chars
+
+    @property
+    def host_key_b64(self) -> str:
+        """The public host key as Nix's machines file wants it (base64 of the line)."""
+        return base64.b64encode(self.host_key.encode()).decode()
+
+    def exec(self, argv: list[str], check: bool = True, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run argv inside this builder (its mount, net and PID namespaces) as root."""
+        cmd = ["nsenter", "-t", str(self.init_pid), "-m", "-n", "-p", "--", *argv]
+        return subprocess.run(cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+    def processes(self) -> list[tuple[int, str]]:
+        """(pid, cmdline) of every process in this builder, as it sees them."""
+        out = self.exec(["ps", "-e", "-o", "pid=,args="]).stdout
+        result = []
+        for line in out.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if args.startswith("ps -e"):
+                continue
+            result.append((int(pid), args.strip()))
+        return result
+
+    def set_link(self, up: bool) -> None:
+        """Cut or restore the builder's network (its veth, from the host side)."""
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.host_veth)[0]
+            ipr.link("set", index=idx, state="up" if up else "down")
+
+    def machines_line(self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1) -> str:
+        """A Nix machines-file line for this builder."""
+        system = run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
+        return f"{protocol}://{BUILDER_USER}@{self.address} {system} {key} {max_jobs} {speed} - - {self.host_key_b64}"
+
+
+class Farm:
+    """A set of harness builders and client keys under one directory; a context manager."""
+
+    def __init__(self, base: str = "/run") -> None:
+        # Not under /tmp: sshd's StrictModes rejects authorized_keys below a world-writable dir.
+        self.id = secrets.token_hex(3)
+        self.root = Path(base) / f"nixfarm-test-{self.id}"
+        self.root.mkdir(mode=0o755)
+        self.builders: dict[str, Builder] = {}
+        self.client_keys: dict[str, Path] = {}
+        self.known_hosts = self.root / "known_hosts"
+        self.known_hosts.touch()
+        self.python = sys.executable
+        self.nixfarm = str(Path(sys.executable).parent / "nixfarm")
+        ensure_builder_user()
+
+    def __enter__(self) -> Farm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- clients -----------------------------------------------------------
+
+    def add_client(self, name: str) -> Path:
+        """Make an ed25519 key pair for client `name`; returns the private key path."""
+        key = self.root / "clients" / name / "id_ed25519"
+        key.parent.mkdir(parents=True, mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"nixfarm-client-{name}", "-f", str(key)])
+        self.client_keys[name] = key
+        return key
+
+    def ssh_argv(self, client: str, builder: Builder, *extra: str) -> list[str]:
+        """The ssh argv a client uses to reach a builder, strict host-key checking on."""
+        return [
+            "ssh", "-F", "/dev/null",
+            "-i", str(self.client_keys[client]),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "ConnectTimeout=5",
+            *extra,
+            f"{BUILDER_USER}@{builder.address}",
+        ]  # fmt: skip
+
+    def ssh(self, client: str, builder: Builder, command: str | None, *extra: str,
+            timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `command` on `builder` over SSH with `client`'s key (no check)."""
+        argv = self.ssh_argv(client, builder, *extra)
+        if command is not None:
+            argv.append(command)
+        return subprocess.run(argv, text=True, capture_output=True, timeout=timeout,
+                              input=input if input is not None else "")
+
+    # -- builders ----------------------------------------------------------
+
+    def add_builder(
+        self,
+        name: str,
+        clients: dict[str, str],
+        store_size: str = "64m",
+        max_jobs: int = 4,
+        slots: int = 0,
+        memory_max: int | None = None,
+        nix_conf: str = "",
+        agent_config: dict[str, object] | None = None,
+    ) -> Builder:
+        """Start a builder host; `clients` maps client name to gateway role."""
+        index = len(self.builders) + 1
+        if index > 200:
+            raise FarmError("at most 200 builders per farm")
+        b = Builder(name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients))
+        self.builders[name] = b
+        b.root.mkdir(parents=True, mode=0o755)
+        self._write_builder_files(b, max_jobs, nix_conf, agent_config or {})
+        self._make_network(b)
+        if memory_max is not None:
+            b.cgroup = self._make_cgroup(b, memory_max)
+        self._start(b, slots)
+        with self.known_hosts.open("a") as f:
+            f.write(f"{b.address} {b.host_key}\n")
+        return b
+
+    def _write_builder_files(self, b: Builder, max_jobs: int, nix_conf: str, agent_config: dict[str, object]) -> None:
+        b.address = f"10.201.{b.index}.2"
+        hostkey = b.root / "ssh_host_ed25519_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{b.name}-host", "-f", str(hostkey)])
+        b.host_key = " ".join(hostkey.with_suffix(".pub").read_text().split()[:2])
+        keys_dir = b.root / "authorized_keys"
+        keys_dir.mkdir(mode=0o755)
+        lines = []
+        for client, role in b.clients.items():
+            pub = self.client_keys[client].with_suffix(".pub").read_text().strip()
+            lines.append(f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n')
+        (keys_dir / BUILDER_USER).write_text("".join(lines))
+        state = b.root / "state"
+        state.mkdir(mode=0o755)
+        gateway_log = b.root / "gateway.log"
+        gateway_log.touch()
+        shutil.chown(gateway_log, user=BUILDER_USER)
+        config = {"state_dir": str(state), "gateway_log": str(gateway_log),
+                  "network_interfaces": ["eth0"], **agent_config}
+        (b.root / "agent.json").write_text(json.dumps(config))
+        etc_nix = b.root / "etc-nix"
+        etc_nix.mkdir(mode=0o755)
+        (etc_nix / "nix.conf").write_text(textwrap.dedent(f"""\
+            build-users-group = nixbld
+            trusted-users = root {BUILDER_USER}
+            max-jobs = {max_jobs}
+            cores = 1
+            sandbox = false
+            substituters =
+            experimental-features = nix-command
+            """) + nix_conf)
+        # Mirrors what the NixOS builder module writes: a Match block on top of `restrict`.
+        (b.root / "sshd_config").write_text(textwrap.dedent(f"""\
+            ListenAddress {b.address}
+            HostKey {hostkey}
+            PidFile {b.root}/sshd.pid
+            AuthorizedKeysFile {keys_dir}/%u
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            PubkeyAuthentication yes
+            PermitRootLogin no
+            UsePAM no
+            StrictModes yes
+            AllowUsers {BUILDER_USER}
+            LogLevel VERBOSE
+            SetEnv NIXFARM_CONFIG={b.root}/agent.json
+            Subsystem sftp /usr/lib/openssh/sftp-server
+            Match User {BUILDER_USER}
+              AllowTcpForwarding no
+              AllowAgentForwarding no
+              AllowStreamLocalForwarding no
+              PermitTunnel no
+              PermitTTY no
+              X11Forwarding no
+            """))
+
+    def _make_network(self, b: Builder) -> None:
+        netns.create(b.netns)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=b.host_veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": b.netns})
+            idx = ipr.link_lookup(ifname=b.host_veth)[0]
+            ipr.addr("add", index=idx, address=f"10.201.{b.index}.1", prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+        with NetNS(b.netns) as ns:
+            for ifname in ("lo", "eth0"):
+                idx = ns.link_lookup(ifname=ifname)[0]
+                ns.link("set", index=idx, state="up")
+            eth0 = ns.link_lookup(ifname="eth0")[0]
+            ns.addr("add", index=eth0, address=b.address, prefixlen=24)
+
+    def _make_cgroup(self, b: Builder, memory_max: int) -> str:
+        name = f"{PREFIX}{self.id}-{b.name}"
+        if memory_cgroup_kind() == "v1":
+            path = f"{CGROUP_ROOT}/memory/{name}"
+            os.mkdir(path)
+            Path(path, "memory.limit_in_bytes").write_text(str(memory_max))
+        else:
+            path = f"{CGROUP_ROOT}/{name}"
+            os.mkdir(path)
+            Path(path, "memory.max").write_text(str(memory_max))
+        return path
+
+    def _start(self, b: Builder, slots: int) -> None:
+        ready = b.root / "ready"
+        spec = {
+            "store_size": b.store_size,
+            "etc_nix": str(b.root / "etc-nix"),
+            "nix_daemon": program("nix-daemon"),
+            "sshd": program("sshd"),
+            "sshd_config": str(b.root / "sshd_config"),
+            "sshd_log": str(b.root / "sshd.log"),
+            "daemon_log": str(b.root / "nix-daemon.log"),
+            "ready_file": str(ready),
+            "slots": slots,
+            "cgroup_procs": f"{b.cgroup}/cgroup.procs" if b.cgroup else None,
+        }
+        (b.root / "spec.json").write_text(json.dumps(spec))
+        log = (b.root / "init.log").open("wb")
+        b.unshare = subprocess.Popen(
+            # nsenter rather than `ip netns exec`, which mounts a fresh /sys and so
+            # would hide /sys/fs/cgroup from the builder (and from its metrics).
+            ["nsenter", f"--net=/run/netns/{b.netns}", "--",
+             "unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
+             self.python, str(HERE / "farm_init.py"), str(b.root / "spec.json")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if b.unshare.poll() is not None or time.monotonic() > deadline:
+                raise FarmError(f"builder {b.name} did not start: {(b.root / 'init.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+        b.init_pid = self._child_of(b.unshare.pid)
+
+    @staticmethod
+    def _child_of(pid: int) -> int:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) != 1:
+            raise FarmError(f"expected one child of unshare {pid}, found {children}")
+        return int(children[0])
+
+    def restart_sshd(self, b: Builder) -> None:
+        """Start the builder's sshd again (after a test killed it)."""
+        b.exec([program("sshd"), "-f", str(b.root / "sshd_config"), "-E", str(b.root / "sshd.log")])
+
+    # -- teardown ----------------------------------------------------------
+
+    def stop_builder(self, b: Builder) -> None:
+        """Kill everything in the builder and remove its network and cgroup."""
+        if b.unshare is not None and b.unshare.poll() is None:
+            # --kill-child: unshare's death SIGKILLs our init, which ends the PID namespace.
+            os.killpg(b.unshare.pid, signal.SIGKILL)
+            b.unshare.wait(timeout=10)
+        if b.init_pid:
+            self._wait_gone(b.init_pid)
+        with contextlib.suppress(Exception):
+            netns.remove(b.netns)
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=b.host_veth):
+                with contextlib.suppress(Exception):
+                    ipr.link("del", index=idx)
+        if b.cgroup:
+            self._remove_cgroup(b.cgroup)
+
+    @staticmethod
+    def _wait_gone(pid: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @staticmethod
+    def _remove_cgroup(path: str) -> None:
+        deadline = time.monotonic() + 10
+        while os.path.isdir(path):
+            try:
+                os.rmdir(path)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # its last processes are still exiting
+
+    def close(self) -> None:
+        """Stop every builder and delete the farm directory; safe to call twice."""
+        errors = []
+        for b in self.builders.values():
+            try:
+                self.stop_builder(b)
+            except Exception as e:  # keep tearing down the others
+                errors.append(f"{b.name}: {e}")
+        self.builders.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+        if errors:
+            raise FarmError("teardown incomplete: " + "; ".join(errors))
+
+
+def leftovers(farm_id: str) -> list[str]:
+    """Anything of farm `farm_id` still on the machine: netns, links, cgroups, processes, dirs."""
+    found = [f"netns {n}" for n in netns.listnetns() if n.startswith(f"{PREFIX}{farm_id}")]
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name.startswith(f"{PREFIX}{farm_id}"):
+                found.append(f"link {name}")
+    for base in (f"{CGROUP_ROOT}/memory", CGROUP_ROOT):
+        if os.path.isdir(base):
+            found += [f"cgroup {base}/{d}" for d in os.listdir(base) if d.startswith(f"{PREFIX}{farm_id}")]
+    marker = f"nixfarm-test-{farm_id}"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in entry.joinpath("cmdline").read_bytes().decode(errors="replace"):
+                    found.append(f"process {entry.name}")
+    if Path(f"/run/{marker}").exists():
+        found.append(f"directory /run/{marker}")
+    return found
