@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -46,7 +48,7 @@ class FarmError(RuntimeError):
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     """Run argv, check it, return its text output."""
-    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
 
 
 def program(name: str) -> str:
@@ -80,7 +82,7 @@ class Builder:
     """One harness builder; `address` is reachable from the host namespace."""
 
     name: str
-    index: int
+    index: int  # position in its farm (names its veth)
     farm_id: str
     root: Path
     store_size: str
@@ -100,14 +102,23 @@ class Builder:
         return f"{PREFIX}{self.farm_id}v{self.index}"  # <= 15 chars
 
     @property
+    def client_address(self) -> str:
+        """The host namespace's address on this builder's link (where clients come from)."""
+        return self.address.rsplit(".", 1)[0] + ".1"
+
+    @property
     def host_key_b64(self) -> str:
         """The public host key as Nix's machines file wants it (base64 of the line)."""
         return base64.b64encode(self.host_key.encode()).decode()
 
-    def exec(self, argv: list[str], check: bool = True, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, argv: list[str], check: bool = True, timeout: float = 60, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         """Run argv inside this builder (its mount, net and PID namespaces) as root."""
         cmd = ["nsenter", "-t", str(self.init_pid), "-m", "-n", "-p", "--", *argv]
-        return subprocess.run(cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+        return subprocess.run(  # type: ignore[call-overload]
+            cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw
+        )
 
     def processes(self) -> list[tuple[int, str]]:
         """(pid, cmdline) of every process in this builder, as it sees them."""
@@ -126,10 +137,17 @@ class Builder:
             idx = ipr.link_lookup(ifname=self.host_veth)[0]
             ipr.link("set", index=idx, state="up" if up else "down")
 
-    def machines_line(self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1) -> str:
+    def machines_line(
+        self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1
+    ) -> str:
         """A Nix machines-file line for this builder."""
-        system = run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
-        return f"{protocol}://{BUILDER_USER}@{self.address} {system} {key} {max_jobs} {speed} - - {self.host_key_b64}"
+        system = (
+            run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"])
+            .stdout.strip()
+            .strip('"')
+        )
+        uri = f"{protocol}://{BUILDER_USER}@{self.address}"
+        return f"{uri} {system} {key} {max_jobs} {speed} - - {self.host_key_b64}"
 
 
 class Farm:
@@ -160,7 +178,20 @@ class Farm:
         """Make an ed25519 key pair for client `name`; returns the private key path."""
         key = self.root / "clients" / name / "id_ed25519"
         key.parent.mkdir(parents=True, mode=0o700)
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"nixfarm-client-{name}", "-f", str(key)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"nixfarm-client-{name}",
+                "-f",
+                str(key),
+            ]
+        )
         self.client_keys[name] = key
         return key
 
@@ -178,14 +209,26 @@ class Farm:
             f"{BUILDER_USER}@{builder.address}",
         ]  # fmt: skip
 
-    def ssh(self, client: str, builder: Builder, command: str | None, *extra: str,
-            timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self,
+        client: str,
+        builder: Builder,
+        command: str | None,
+        *extra: str,
+        timeout: float = 30,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run `command` on `builder` over SSH with `client`'s key (no check)."""
         argv = self.ssh_argv(client, builder, *extra)
         if command is not None:
             argv.append(command)
-        return subprocess.run(argv, text=True, capture_output=True, timeout=timeout,
-                              input=input if input is not None else "")
+        return subprocess.run(
+            argv,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            input=input if input is not None else "",
+        )
 
     # -- builders ----------------------------------------------------------
 
@@ -199,16 +242,23 @@ class Farm:
         memory_max: int | None = None,
         nix_conf: str = "",
         agent_config: dict[str, object] | None = None,
+        sshd_match_block: bool = True,
     ) -> Builder:
-        """Start a builder host; `clients` maps client name to gateway role."""
+        """Start a builder host; `clients` maps client name to gateway role.
+
+        `sshd_match_block=False` leaves out the sshd `Match User` block, so that
+        only `restrict` in authorized_keys stands between a key and a shell.
+        """
         index = len(self.builders) + 1
         if index > 200:
             raise FarmError("at most 200 builders per farm")
-        b = Builder(name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients))
+        b = Builder(
+            name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients)
+        )
         self.builders[name] = b
         b.root.mkdir(parents=True, mode=0o755)
-        self._write_builder_files(b, max_jobs, nix_conf, agent_config or {})
         self._make_network(b)
+        self._write_builder_files(b, max_jobs, nix_conf, agent_config or {}, sshd_match_block)
         if memory_max is not None:
             b.cgroup = self._make_cgroup(b, memory_max)
         self._start(b, slots)
@@ -216,29 +266,55 @@ class Farm:
             f.write(f"{b.address} {b.host_key}\n")
         return b
 
-    def _write_builder_files(self, b: Builder, max_jobs: int, nix_conf: str, agent_config: dict[str, object]) -> None:
-        b.address = f"10.201.{b.index}.2"
+    def _write_builder_files(
+        self,
+        b: Builder,
+        max_jobs: int,
+        nix_conf: str,
+        agent_config: dict[str, object],
+        match_block: bool,
+    ) -> None:
         hostkey = b.root / "ssh_host_ed25519_key"
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{b.name}-host", "-f", str(hostkey)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"{b.name}-host",
+                "-f",
+                str(hostkey),
+            ]
+        )
         b.host_key = " ".join(hostkey.with_suffix(".pub").read_text().split()[:2])
         keys_dir = b.root / "authorized_keys"
         keys_dir.mkdir(mode=0o755)
         lines = []
         for client, role in b.clients.items():
             pub = self.client_keys[client].with_suffix(".pub").read_text().strip()
-            lines.append(f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n')
+            lines.append(
+                f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n'
+            )
         (keys_dir / BUILDER_USER).write_text("".join(lines))
         state = b.root / "state"
         state.mkdir(mode=0o755)
         gateway_log = b.root / "gateway.log"
         gateway_log.touch()
         shutil.chown(gateway_log, user=BUILDER_USER)
-        config = {"state_dir": str(state), "gateway_log": str(gateway_log),
-                  "network_interfaces": ["eth0"], **agent_config}
+        config = {
+            "state_dir": str(state),
+            "gateway_log": str(gateway_log),
+            "network_interfaces": ["eth0"],
+            **agent_config,
+        }
         (b.root / "agent.json").write_text(json.dumps(config))
         etc_nix = b.root / "etc-nix"
         etc_nix.mkdir(mode=0o755)
-        (etc_nix / "nix.conf").write_text(textwrap.dedent(f"""\
+        (etc_nix / "nix.conf").write_text(
+            textwrap.dedent(f"""\
             build-users-group = nixbld
             trusted-users = root {BUILDER_USER}
             max-jobs = {max_jobs}
@@ -246,9 +322,12 @@ class Farm:
             sandbox = false
             substituters =
             experimental-features = nix-command
-            """) + nix_conf)
+            """)
+            + nix_conf
+        )
         # Mirrors what the NixOS builder module writes: a Match block on top of `restrict`.
-        (b.root / "sshd_config").write_text(textwrap.dedent(f"""\
+        (b.root / "sshd_config").write_text(
+            textwrap.dedent(f"""\
             ListenAddress {b.address}
             HostKey {hostkey}
             PidFile {b.root}/sshd.pid
@@ -263,6 +342,9 @@ class Farm:
             LogLevel VERBOSE
             SetEnv NIXFARM_CONFIG={b.root}/agent.json
             Subsystem sftp /usr/lib/openssh/sftp-server
+            """)
+            + (
+                textwrap.dedent(f"""\
             Match User {BUILDER_USER}
               AllowTcpForwarding no
               AllowAgentForwarding no
@@ -270,14 +352,31 @@ class Farm:
               PermitTunnel no
               PermitTTY no
               X11Forwarding no
-            """))
+            """)
+                if match_block
+                else ""
+            )
+        )
 
     def _make_network(self, b: Builder) -> None:
         netns.create(b.netns)
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=b.host_veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": b.netns})
+        # Farms may run side by side (tests, benchmarks, the demo): pick a /24 no other
+        # link on this machine has, under a lock so two farms never pick the same one.
+        with open("/run/nixfarm-harness.lock", "w") as lock, IPRoute() as ipr:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+            subnet = next((i for i in range(1, 255) if f"10.201.{i}.1" not in used), None)
+            if subnet is None:
+                raise FarmError("no free 10.201.x.0/24 subnet for another builder")
+            b.address = f"10.201.{subnet}.2"
+            ipr.link(
+                "add",
+                ifname=b.host_veth,
+                kind="veth",
+                peer={"ifname": "eth0", "net_ns_fd": b.netns},
+            )
             idx = ipr.link_lookup(ifname=b.host_veth)[0]
-            ipr.addr("add", index=idx, address=f"10.201.{b.index}.1", prefixlen=24)
+            ipr.addr("add", index=idx, address=f"10.201.{subnet}.1", prefixlen=24)
             ipr.link("set", index=idx, state="up")
         with NetNS(b.netns) as ns:
             for ifname in ("lo", "eth0"):
@@ -325,7 +424,9 @@ class Farm:
         deadline = time.monotonic() + 30
         while not ready.exists():
             if b.unshare.poll() is not None or time.monotonic() > deadline:
-                raise FarmError(f"builder {b.name} did not start: {(b.root / 'init.log').read_text()[-2000:]}")
+                raise FarmError(
+                    f"builder {b.name} did not start: {(b.root / 'init.log').read_text()[-2000:]}"
+                )
             time.sleep(0.02)
         b.init_pid = self._child_of(b.unshare.pid)
 
@@ -400,7 +501,9 @@ def leftovers(farm_id: str) -> list[str]:
                 found.append(f"link {name}")
     for base in (f"{CGROUP_ROOT}/memory", CGROUP_ROOT):
         if os.path.isdir(base):
-            found += [f"cgroup {base}/{d}" for d in os.listdir(base) if d.startswith(f"{PREFIX}{farm_id}")]
+            found += [
+                f"cgroup {base}/{d}" for d in os.listdir(base) if d.startswith(f"{PREFIX}{farm_id}")
+            ]
     marker = f"nixfarm-test-{farm_id}"
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -19,7 +19,10 @@ import time
 def setup_mounts(spec: dict) -> None:
     # Nothing we mount may leak back into the host's mount namespace.
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={spec['store_size']},mode=0755", "tmpfs", "/nix"], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={spec['store_size']},mode=0755", "tmpfs", "/nix"],
+        check=True,
+    )
     subprocess.run(["mount", "--bind", spec["etc_nix"], "/etc/nix"], check=True)
     os.makedirs("/nix/store", mode=0o1775, exist_ok=True)
     os.makedirs("/nix/var/nix/daemon-socket", exist_ok=True)
@@ -49,7 +52,7 @@ def start_daemons(spec: dict) -> None:
         [spec["nix_daemon"]],
         stdout=log,
         stderr=log,
-        preexec_fn=(lambda: join_cgroup(cgroup)) if cgroup else None,  # noqa: PLW1509
+        preexec_fn=(lambda: join_cgroup(cgroup)) if cgroup else None,
     )
     # Without -D sshd forks into the background and becomes our child (we are init).
     subprocess.run([spec["sshd"], "-f", spec["sshd_config"], "-E", spec["sshd_log"]], check=True)

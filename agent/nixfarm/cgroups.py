@@ -51,7 +51,9 @@ def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
     return v1, v2
 
 
-def read_cgroup_files(v1_path: str | None, v2_path: str | None, root: str = CGROUP_ROOT) -> dict[str, Any]:
+def read_cgroup_files(
+    v1_path: str | None, v2_path: str | None, root: str = CGROUP_ROOT
+) -> dict[str, Any]:
     """Memory current/max of a cgroup, v1 where memory is still there, else v2."""
     if v1_path is not None and os.path.isdir(os.path.join(root, "memory")):
         base = os.path.join(root, "memory", v1_path.lstrip("/"))
@@ -66,7 +68,11 @@ def read_cgroup_files(v1_path: str | None, v2_path: str | None, root: str = CGRO
     if v2_path is None:
         raise OSError("nix-daemon is in no memory cgroup")
     # Pure v2 mounts at the root; hybrid systems mount it at .../unified.
-    v2_root = root if os.path.exists(os.path.join(root, "cgroup.controllers")) else os.path.join(root, "unified")
+    v2_root = (
+        root
+        if os.path.exists(os.path.join(root, "cgroup.controllers"))
+        else os.path.join(root, "unified")
+    )
     base = os.path.join(v2_root, v2_path.lstrip("/"))
     return {
         "source": "cgroup2",
@@ -168,7 +174,7 @@ def _is_nix_daemon(pid: int) -> bool:
 def _connect_systemd(unit: str) -> Any:
     """A pydbus proxy for the unit, or None where D-Bus or pydbus is missing."""
     try:
-        import pydbus  # type: ignore[import-not-found]
+        import pydbus
     except ImportError:
         return None
     try:

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
-from typing import NoReturn
 
-from . import __version__
+from . import version
 from .config import AgentConfig, load_config
 from .errors import NixfarmError, UsageError
+
+# The gateway's path to nix-daemon runs through here on every SSH session:
+# keep module-level imports cheap (typing alone costs ~3 ms). mypy treats any
+# name TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +33,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _VersionAction(argparse.Action):
+    """--version, looking the version up only when asked (see nixfarm.version)."""
+
+    def __init__(
+        self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: object
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"nixfarm {version()}")
+        parser.exit()
 
 
 def _interval(text: str) -> float:
@@ -48,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "3 machine lacks something (e.g. no Nix store), 130 interrupted.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"nixfarm {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -57,32 +76,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("metrics", help="print one snapshot of this builder", allow_abbrev=False,
-                       description="Print one metrics snapshot of this builder (README: 'The metrics snapshot').")
+    p = sub.add_parser(
+        "metrics",
+        help="print one snapshot of this builder",
+        allow_abbrev=False,
+        description="Print one metrics snapshot of this builder (README: 'The metrics snapshot').",
+    )
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON (the default)")
-    fmt.add_argument("--prometheus", dest="format", action="store_const", const="prometheus",
-                     help="Prometheus text exposition format")
+    fmt.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="JSON (the default)"
+    )
+    fmt.add_argument(
+        "--prometheus",
+        dest="format",
+        action="store_const",
+        const="prometheus",
+        help="Prometheus text exposition format",
+    )
     p.set_defaults(format="json")
 
-    p = sub.add_parser("stream", help="print a snapshot per line until stdin closes", allow_abbrev=False,
-                       description="Print one JSON snapshot per line every INTERVAL seconds, until stdin "
-                       "closes or the reader goes away; then exit 0.")
+    p = sub.add_parser(
+        "stream",
+        help="print a snapshot per line until stdin closes",
+        allow_abbrev=False,
+        description="Print one JSON snapshot per line every INTERVAL seconds, until stdin "
+        "(a pipe or socket, as in an SSH session) closes or the reader goes away; "
+        "then exit 0.",
+    )
     p.add_argument("--interval", type=_interval, default=5.0, metavar="SECONDS", help="default 5")
     p.add_argument("--count", type=int, metavar="N", help="stop after N snapshots")
 
-    p = sub.add_parser("gateway", help="SSH forced command for client keys (see README)", allow_abbrev=False,
-                       description="Run the command in SSH_ORIGINAL_COMMAND if ROLE allows it; refuse "
-                       "anything else. Used in authorized_keys as "
-                       'restrict,command="nixfarm gateway --client NAME --role ROLE".')
+    p = sub.add_parser(
+        "gateway",
+        help="SSH forced command for client keys (see README)",
+        allow_abbrev=False,
+        description="Run the command in SSH_ORIGINAL_COMMAND if ROLE allows it; refuse "
+        "anything else. Used in authorized_keys as "
+        'restrict,command="nixfarm gateway --client NAME --role ROLE".',
+    )
     p.add_argument("--client", required=True, help="the client this key belongs to (for logs)")
     p.add_argument("--role", required=True, help="build, metrics or admin")
 
-    p = sub.add_parser("agent", help="the builder service (sd_notify, watchdog)", allow_abbrev=False,
-                       description="Run the builder agent: readiness and watchdog for systemd, "
-                       "a status line, and (later) store GC.")
-    p.add_argument("--interval", type=_interval, default=10.0, metavar="SECONDS",
-                   help="seconds between checks (default 10)")
+    p = sub.add_parser(
+        "agent",
+        help="the builder service (sd_notify, watchdog)",
+        allow_abbrev=False,
+        description="Run the builder agent: readiness and watchdog for systemd, "
+        "a status line, and (later) store GC.",
+    )
+    p.add_argument(
+        "--interval",
+        type=_interval,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between checks (default 10)",
+    )
     return parser
 
 
@@ -112,13 +160,24 @@ def print_metrics(config: AgentConfig, output_format: str) -> int:
     return 0
 
 
-def _stdin_closed(timeout: float) -> bool:
-    """Wait up to `timeout` s; True once stdin reaches end of file (the session closed)."""
+def _stdin_is_a_session() -> bool:
+    """True if stdin is a pipe or socket, whose end means the session closed.
+
+    /dev/null or a file is at its end at once and says nothing about the reader.
+    """
     try:
-        ready, _, _ = select.select([0], [], [], timeout)
-    except (OSError, ValueError):  # no stdin at all
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _stdin_closed(timeout: float, watch: bool) -> bool:
+    """Wait up to `timeout` s; True once a watched stdin reaches end of file."""
+    if not watch:
         time.sleep(timeout)
         return False
+    ready, _, _ = select.select([0], [], [], timeout)
     if not ready:
         return False
     try:
@@ -131,9 +190,10 @@ def run_stream(config: AgentConfig, interval: float, count: int | None = None) -
     """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks."""
     from .metrics import Collector
 
-    # The session may end with SIGHUP or SIGPIPE; both mean "done", quietly.
+    # A session may also end with SIGHUP: that means "done", quietly. (SIGPIPE
+    # stays ignored, as Python sets it, so a gone reader is a BrokenPipeError.)
     signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    watch_stdin = _stdin_is_a_session()
     collector = Collector(config)
     deadline = time.monotonic() + config.stream_max_seconds
     sent = 0
@@ -148,7 +208,7 @@ def run_stream(config: AgentConfig, interval: float, count: int | None = None) -
             sent += 1
             if count is not None and sent >= count:
                 return 0
-            if time.monotonic() >= deadline or _stdin_closed(interval):
+            if time.monotonic() >= deadline or _stdin_closed(interval, watch_stdin):
                 return 0
     finally:
         collector.close()
@@ -170,9 +230,11 @@ def run_agent(config: AgentConfig, interval: float) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     collector = Collector(config)
-    tick = min(interval, watchdog_interval() or interval)
+    watchdog = watchdog_interval()
+    tick = min(interval, watchdog or interval)
     next_check = 0.0
     ready = False
+    last_status = ""
     try:
         while not stopping:
             now = time.monotonic()
@@ -184,13 +246,16 @@ def run_agent(config: AgentConfig, interval: float) -> int:
                     f"store {snap['store']['free_bytes'] / 2**30:.1f} GiB free, "
                     f"{snap['builds']['active']} builds running"
                 )
-                notify(f"STATUS={status}")
+                if status != last_status:
+                    notify(f"STATUS={status}")
+                    last_status = status
                 if not ready:
                     notify("READY=1")
                     log.info("ready: %s", status)
                     ready = True
                 next_check = now + interval
-            notify("WATCHDOG=1")
+            if watchdog:
+                notify("WATCHDOG=1")
             time.sleep(tick)
     finally:
         collector.close()
@@ -223,5 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig()
     sys.exit(main())

@@ -8,36 +8,21 @@ the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
 
 from .errors import ConfigError
+
+TYPE_CHECKING = False  # see cli.py: the gateway path avoids importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PATH = "/etc/nixfarm/agent.json"
 # A config file is a few hundred bytes; refuse to parse anything absurd.
 MAX_CONFIG_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    """Settings of the builder-side agent and gateway."""
-
-    store_dir: str = "/nix/store"
-    state_dir: str = "/var/lib/nixfarm"
-    nix_conf_dir: str = field(default_factory=lambda: os.environ.get("NIX_CONF_DIR", "/etc/nix"))
-    build_users_group: str = "nixbld"
-    nix_daemon_unit: str = "nix-daemon.service"
-    # Where nix-daemon and nix-store are; empty means the fixed search path in gateway.py.
-    nix_bin_dir: str = ""
-    # Log file for gateway decisions where there is no journal; empty: stderr.
-    gateway_log: str = ""
-    # Interfaces whose traffic counts; empty: every interface but loopback.
-    network_interfaces: tuple[str, ...] = ()
-    # Longest a remote `nixfarm stream` may run, a guard against forgotten sessions.
-    stream_max_seconds: float = 7 * 24 * 3600.0
-
-
+# Every key the config file may have, and the JSON type it must be.
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "store_dir": str,
     "state_dir": str,
@@ -51,11 +36,52 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class AgentConfig:
+    """Settings of the builder-side agent and gateway (all keys optional).
+
+    A plain class rather than a dataclass: the gateway loads it on every SSH
+    session, and importing dataclasses costs ~6 ms there.
+    """
+
+    store_dir: str = "/nix/store"
+    state_dir: str = "/var/lib/nixfarm"
+    nix_conf_dir: str = "/etc/nix"  # $NIX_CONF_DIR when set
+    build_users_group: str = "nixbld"
+    nix_daemon_unit: str = "nix-daemon.service"
+    # Where nix-daemon and nix-store are; empty means the fixed search path in gateway.py.
+    nix_bin_dir: str = ""
+    # Log file for gateway decisions where there is no journal; empty: stderr.
+    gateway_log: str = ""
+    # Interfaces whose traffic counts; empty: every interface but loopback.
+    network_interfaces: tuple[str, ...] = ()
+    # Longest a remote `nixfarm stream` may run, a guard against forgotten sessions.
+    stream_max_seconds: float = 7 * 24 * 3600.0
+
+    def __init__(self, **values: object) -> None:
+        for key in values:
+            if key not in _TYPES:
+                raise TypeError(f"AgentConfig has no field {key!r}")
+        values.setdefault("nix_conf_dir", os.environ.get("NIX_CONF_DIR", AgentConfig.nix_conf_dir))
+        for key in _TYPES:
+            object.__setattr__(self, key, values.get(key, getattr(AgentConfig, key)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AgentConfig) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError("AgentConfig is read-only")
+
+    def __repr__(self) -> str:
+        return f"AgentConfig({self.__dict__!r})"
+
+
 def parse_config(data: Any, source: str) -> AgentConfig:
     """Validate a decoded JSON value and return the config it describes."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a JSON object")
-    known = {f.name for f in fields(AgentConfig)}
+    known = set(_TYPES)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
@@ -70,9 +96,14 @@ def parse_config(data: Any, source: str) -> AgentConfig:
         if not all(isinstance(i, str) for i in ifaces):
             raise ConfigError(f"{source}: key 'network_interfaces' must be a list of strings")
         values["network_interfaces"] = tuple(ifaces)
-    if values.get("stream_max_seconds", 1) <= 0:
+    if not 0 < values.get("stream_max_seconds", 1) < math.inf:
         raise ConfigError(f"{source}: key 'stream_max_seconds' must be positive")
     return AgentConfig(**values)
+
+
+def _reject_constant(name: str) -> None:
+    # Python's json accepts NaN and Infinity; JSON does not, and a NaN limit compares false.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def load_config(path: str | None = None) -> AgentConfig:
@@ -95,7 +126,7 @@ def load_config(path: str | None = None) -> AgentConfig:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{target}: config file larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise ConfigError(f"{target}: not valid JSON: {e}") from None
     return parse_config(data, target)

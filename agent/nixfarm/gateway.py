@@ -17,15 +17,14 @@ Roles:
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+import time
 
-from . import logs
 from .config import AgentConfig
 from .errors import RefusedError, UsageError
+from .notify import JOURNAL_SOCKET
 
 ROLES = ("build", "metrics", "admin")
 MAX_COMMAND_BYTES = 4096
@@ -44,15 +43,29 @@ NIX_BIN_PATH = (
 STREAM_INTERVAL_RANGE = (0.2, 3600.0)
 
 
-
-@dataclass(frozen=True)
 class Decision:
     """What the gateway will do: exec a Nix program, or run a nixfarm command."""
 
-    action: str  # "exec" | "metrics" | "stream"
-    argv: tuple[str, ...]
-    output_format: str = "json"  # metrics: json | prometheus
-    interval: float = 5.0  # stream
+    __slots__ = ("action", "argv", "interval", "output_format")
+
+    def __init__(
+        self, action: str, argv: tuple[str, ...], output_format: str = "json", interval: float = 5.0
+    ) -> None:
+        self.action = action  # "exec" | "metrics" | "stream"
+        self.argv = argv
+        self.output_format = output_format  # metrics: json | prometheus
+        self.interval = interval  # stream
+
+    def _key(self) -> tuple[str, tuple[str, ...], str, float]:
+        return (self.action, self.argv, self.output_format, self.interval)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Decision{self._key()!r}"
 
 
 _NIX_COMMANDS: dict[tuple[str, ...], str] = {
@@ -70,7 +83,9 @@ _ROLE_GRANTS = {
 def split_command(command: str | None) -> list[str]:
     """SSH_ORIGINAL_COMMAND as argv, or RefusedError saying what is wrong with it."""
     if command is None:
-        raise RefusedError("interactive login is not allowed: this key only runs Nix and nixfarm commands")
+        raise RefusedError(
+            "interactive login is not allowed: this key only runs Nix and nixfarm commands"
+        )
     size = len(command.encode("utf-8", "surrogateescape"))
     if size > MAX_COMMAND_BYTES:
         raise RefusedError(f"command too long ({size} bytes; at most {MAX_COMMAND_BYTES})")
@@ -89,7 +104,9 @@ def decide(argv: list[str], role: str) -> Decision:
     needed = _NIX_COMMANDS.get(tuple(argv))
     if needed is not None:
         if needed not in grants:
-            raise RefusedError(f"'{' '.join(argv)}' needs the {needed} role; this key has the {role} role")
+            raise RefusedError(
+                f"'{' '.join(argv)}' needs the {needed} role; this key has the {role} role"
+            )
         return Decision("exec", tuple(argv))
     if argv[0] != "nixfarm" or len(argv) < 2:
         raise RefusedError(f"command '{argv[0]}' is not allowed (allowed: {allowed_summary(role)})")
@@ -97,7 +114,9 @@ def decide(argv: list[str], role: str) -> Decision:
     if sub == "metrics":
         formats = {(): "json", ("--json",): "json", ("--prometheus",): "prometheus"}
         if tuple(options) not in formats:
-            raise RefusedError(f"nixfarm metrics takes --json or --prometheus, not {' '.join(options)!r}")
+            raise RefusedError(
+                f"nixfarm metrics takes --json or --prometheus, not {' '.join(options)!r}"
+            )
         return Decision("metrics", tuple(argv), output_format=formats[tuple(options)])
     if sub == "stream":
         return Decision("stream", tuple(argv), interval=_stream_interval(options))
@@ -159,6 +178,43 @@ def validate_invocation(client: str, role: str) -> None:
         raise UsageError(f"--role {role!r}: must be one of {', '.join(ROLES)}")
 
 
+def record(config: AgentConfig, refused: bool, message: str, **fields: str) -> None:
+    """Log one decision: to the journal where there is one, else to the configured file.
+
+    Without either, the refusal line on stderr is the only record (stderr reaches
+    the client, which must never see accepted commands). This runs on every
+    session before nix-daemon starts, so it avoids the logging module and
+    systemd.journal (~15 ms of imports) and sends through systemd-python's
+    C extension directly.
+    """
+    if os.path.exists(JOURNAL_SOCKET):
+        try:
+            from systemd._journal import sendv  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            pass
+        else:
+            extra = [f"NIXFARM_{k.upper()}={v}" for k, v in fields.items()]
+            sendv(
+                f"MESSAGE={message}",
+                f"PRIORITY={4 if refused else 6}",
+                "SYSLOG_IDENTIFIER=nixfarm-gateway",
+                *extra,
+            )
+            return
+    if config.gateway_log:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} nixfarm-gateway[{os.getpid()}]: {message}\n"
+        try:
+            fd = os.open(
+                config.gateway_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+            )
+        except OSError:
+            return
+        try:
+            os.write(fd, line.encode("utf-8", "backslashreplace"))
+        finally:
+            os.close(fd)
+
+
 def _describe(command: str | None) -> str:
     if command is None:
         return "(login)"
@@ -169,9 +225,6 @@ def _describe(command: str | None) -> str:
 def run(client: str, role: str, config: AgentConfig) -> int:
     """Decide on SSH_ORIGINAL_COMMAND and carry it out; returns an exit code."""
     validate_invocation(client, role)
-    # Without a journal or log file, the refusal line printed below is the only
-    # record: stderr reaches the client, which must never see accepted commands.
-    log = logs.setup("nixfarm.gateway", "nixfarm-gateway", config.gateway_log, logging.CRITICAL + 1)
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     peer = os.environ.get("SSH_CONNECTION", "").split(" ")[0] or "local"
     try:
@@ -180,14 +233,30 @@ def run(client: str, role: str, config: AgentConfig) -> int:
         if decision.action == "exec":
             program = resolve_program(decision.argv[0], config)
     except RefusedError as e:
-        log.warning("refused client=%s role=%s from=%s command=%s: %s", client, role, peer, _describe(command), e)
+        record(
+            config,
+            True,
+            f"refused client={client} role={role} from={peer} command={_describe(command)}: {e}",
+            client=client,
+            role=role,
+            decision="refused",
+            peer=peer,
+        )
         print(f"nixfarm gateway: refused: {e}", file=sys.stderr)
         return 1
-    log.info("allowed client=%s role=%s from=%s command=%s", client, role, peer, _describe(command))
+    record(
+        config,
+        False,
+        f"allowed client={client} role={role} from={peer} command={_describe(command)}",
+        client=client,
+        role=role,
+        decision="allowed",
+        peer=peer,
+    )
     if decision.action == "exec":
         env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
         env["NIXFARM_CLIENT"] = client
-        os.execve(program, list(decision.argv), env)
+        os.execve(program, list(decision.argv), env)  # noqa: S606 - never a shell, by design
     from . import cli  # the read-only commands, run in this process
 
     if decision.action == "metrics":

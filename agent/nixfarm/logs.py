@@ -6,20 +6,22 @@ import logging
 import os
 import sys
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
+from .notify import JOURNAL_SOCKET
 
 
 def _journal_handler(identifier: str) -> logging.Handler | None:
     if not os.path.exists(JOURNAL_SOCKET):
         return None
     try:
-        from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+        from systemd.journal import JournalHandler
     except ImportError:
         return None
-    return JournalHandler(SYSLOG_IDENTIFIER=identifier)  # type: ignore[no-any-return]
+    return JournalHandler(SYSLOG_IDENTIFIER=identifier)
 
 
-def setup(name: str, identifier: str, log_file: str = "", stderr_level: int = logging.INFO) -> logging.Logger:
+def setup(
+    name: str, identifier: str, log_file: str = "", stderr_level: int = logging.INFO
+) -> logging.Logger:
     """Give logger `name` one handler: journal, else `log_file`, else stderr at `stderr_level`."""
     logger = logging.getLogger(name)
     if logger.handlers:

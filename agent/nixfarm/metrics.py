@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Any
 
-from . import __version__, cgroups
+from . import cgroups, version
 from .config import AgentConfig
 from .errors import EnvironmentProblem
 from .nixconf import load_nix_settings
@@ -192,6 +192,7 @@ class Collector:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.warnings: list[str] = []
+        self._warned: set[str] = set()
         self._build_uids = build_user_uids(config.build_users_group)
         self._memory = cgroups.DaemonMemoryReader(config.nix_daemon_unit)
         try:
@@ -213,7 +214,7 @@ class Collector:
             self.warnings.append(f"nix-daemon memory: {memory['error']}")
         return {
             "schema": SCHEMA,
-            "agent_version": __version__,
+            "agent_version": version(),
             "hostname": socket.gethostname(),
             "timestamp": time.time(),
             "systems": list(nix.systems),
@@ -236,6 +237,8 @@ class Collector:
         }
 
     def take_warnings(self) -> list[str]:
-        """Warnings gathered since the last call (each reported once)."""
-        out, self.warnings = self.warnings, []
-        return list(dict.fromkeys(out))
+        """Warnings not reported before: a stream says each problem once, not every interval."""
+        new = [w for w in dict.fromkeys(self.warnings) if w not in self._warned]
+        self._warned.update(new)
+        self.warnings = []
+        return new

@@ -29,37 +29,48 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNIT[m.group(2).upper()]
 
 
-def read_settings(path: str, depth: int = 0) -> dict[str, str]:
-    """Return the raw settings of a nix.conf and its includes (missing file: empty).
+# Settings whose own name starts with "extra-": setting them is not an append.
+_EXTRA_NAMED = frozenset({"extra-platforms"})
 
-    A key set with an `extra-` prefix is kept under that prefixed name, with
-    every occurrence appended, so callers can add it to the base value or its
-    default.
+
+def read_settings(path: str) -> dict[str, str]:
+    """The raw settings of a nix.conf and its includes (missing file: empty).
+
+    Lines apply in order, as in Nix: `X = v` sets X and drops what earlier
+    `extra-X` lines appended; `extra-X = v` appends, kept under "extra-X" so
+    that callers can add it to X's value or to X's default.
     """
     settings: dict[str, str] = {}
+    _read_into(settings, path, 0)
+    return settings
+
+
+def _read_into(settings: dict[str, str], path: str, depth: int) -> None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read(1 << 20).splitlines()
     except OSError:
-        return settings
+        return
     for line in lines:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         words = line.split(None, 1)
-        if words[0] in ("include", "!include") and len(words) == 2 and depth < _MAX_INCLUDE_DEPTH:
-            inc = os.path.join(os.path.dirname(path), words[1].strip())
-            settings.update(read_settings(inc, depth + 1))
+        if words[0] in ("include", "!include") and len(words) == 2:
+            if depth < _MAX_INCLUDE_DEPTH:
+                _read_into(
+                    settings, os.path.join(os.path.dirname(path), words[1].strip()), depth + 1
+                )
             continue
         key, sep, value = line.partition("=")
         if not sep:
             continue
         key, value = key.strip(), value.strip()
-        if key.startswith("extra-"):
+        if key.startswith("extra-") and key not in _EXTRA_NAMED:
             settings[key] = f"{settings.get(key, '')} {value}".strip()
         else:
             settings[key] = value
-    return settings
+            settings.pop(f"extra-{key}", None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,16 @@ def _default_features() -> list[str]:
     return features
 
 
+def _size_or(value: str | None, default: int | None) -> int | None:
+    """A size setting, or `default` where it is unset or not a size Nix would accept."""
+    if value is None:
+        return default
+    try:
+        return parse_size(value)
+    except UsageError:
+        return default
+
+
 def _int_or(value: str | None, default: int, cpus: int) -> int:
     if value is None:
         return default
@@ -103,16 +124,20 @@ def load_nix_settings(conf_dir: str) -> NixSettings:
     """Read nix.conf in `conf_dir` and fill in Nix's defaults."""
     raw = read_settings(os.path.join(conf_dir, "nix.conf"))
     cpus = os.cpu_count() or 1
-    try:
-        min_free = parse_size(raw.get("min-free", "0"))
-        max_free: int | None = parse_size(raw["max-free"]) if "max-free" in raw else None
-    except UsageError:
-        min_free, max_free = 0, None
+    min_free = _size_or(raw.get("min-free"), 0) or 0
+    max_free = _size_or(raw.get("max-free"), None)
     if max_free is not None and max_free >= UNLIMITED:
         max_free = None
     system = raw.get("system", default_system())
     # `extra-platforms` is a setting of its own name; its `extra-` form appends to it.
-    systems = [system, *raw.get("extra-platforms", "").split()]
+    # Nix's default for it adds i686-linux on x86_64-linux (and, on some CPUs,
+    # x86_64-v2/v3 names we do not probe for).
+    default_extra = "i686-linux" if system == "x86_64-linux" else ""
+    systems = [
+        system,
+        *raw.get("extra-platforms", default_extra).split(),
+        *raw.get("extra-extra-platforms", "").split(),
+    ]
     features = raw["system-features"].split() if "system-features" in raw else _default_features()
     features += raw.get("extra-system-features", "").split()
     return NixSettings(

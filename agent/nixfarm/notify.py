@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import socket
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
 
 def notify(message: str) -> bool:
     """Send `message` (e.g. "READY=1") to systemd; False where there is no systemd."""
@@ -16,7 +18,7 @@ def notify(message: str) -> bool:
     if not address:
         return False
     try:
-        from systemd import daemon  # type: ignore[import-not-found]
+        from systemd import daemon
 
         return bool(daemon.notify(message))
     except ImportError:
@@ -25,7 +27,8 @@ def notify(message: str) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(message.encode(), address)
+            # Never block the service on a slow reader of the socket.
+            s.sendto(message.encode(), socket.MSG_DONTWAIT, address)
     except OSError:
         return False
     return True

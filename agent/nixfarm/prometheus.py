@@ -48,11 +48,27 @@ class _Writer:
 def render(snap: dict[str, Any]) -> str:
     """The snapshot as Prometheus text; ends with a newline."""
     w = _Writer()
-    info = {"hostname": snap["hostname"], "version": snap["agent_version"], "schema": str(snap["schema"])}
+    info = {
+        "hostname": snap["hostname"],
+        "version": snap["agent_version"],
+        "schema": str(snap["schema"]),
+    }
     w.metric("agent_info", "gauge", "Agent version and host name.", [(info, 1)])
-    w.metric("system_info", "gauge", "Systems this builder builds for.", [({"system": s}, 1) for s in snap["systems"]])
-    w.metric("feature_info", "gauge", "System features this builder offers.", [({"feature": f}, 1) for f in snap["features"]])
-    w.gauge("snapshot_timestamp_seconds", "When this snapshot was taken (Unix time).", snap["timestamp"])
+    w.metric(
+        "system_info",
+        "gauge",
+        "Systems this builder builds for.",
+        [({"system": s}, 1) for s in snap["systems"]],
+    )
+    w.metric(
+        "feature_info",
+        "gauge",
+        "System features this builder offers.",
+        [({"feature": f}, 1) for f in snap["features"]],
+    )
+    w.gauge(
+        "snapshot_timestamp_seconds", "When this snapshot was taken (Unix time).", snap["timestamp"]
+    )
     w.gauge("cpus", "CPUs available to the agent.", snap["cpus"])
     load = snap["load"]
     w.gauge("load1", "1-minute load average.", load["avg1"])
@@ -63,22 +79,42 @@ def render(snap: dict[str, Any]) -> str:
     for key, value in sorted(psi.items()):
         resource, kind, _ = key.split("_", 2)
         pressure.append(({"resource": resource, "kind": kind}, value / 100.0))
-    w.metric("pressure_avg10_ratio", "gauge", "Pressure stall information, 10-second average, as a ratio.", pressure)
+    w.metric(
+        "pressure_avg10_ratio",
+        "gauge",
+        "Pressure stall information, 10-second average, as a ratio.",
+        pressure,
+    )
     w.gauge("memory_total_bytes", "Total memory.", snap["memory"].get("total_bytes"))
     w.gauge("memory_available_bytes", "Available memory.", snap["memory"].get("available_bytes"))
     store = snap["store"]
-    w.gauge("store_free_bytes", "Free bytes on the Nix store filesystem (for unprivileged users).", store["free_bytes"])
+    w.gauge(
+        "store_free_bytes",
+        "Free bytes on the Nix store filesystem (for unprivileged users).",
+        store["free_bytes"],
+    )
     w.gauge("store_size_bytes", "Size of the Nix store filesystem.", store["total_bytes"])
     w.gauge("store_free_inodes", "Free inodes on the Nix store filesystem.", store["free_inodes"])
     w.gauge("store_inodes", "Inodes of the Nix store filesystem.", store["total_inodes"])
     mem = snap["nix_daemon_memory"]
-    w.gauge("daemon_memory_current_bytes", "Memory used by nix-daemon's cgroup.", mem["current_bytes"])
+    w.gauge(
+        "daemon_memory_current_bytes", "Memory used by nix-daemon's cgroup.", mem["current_bytes"]
+    )
     if mem["source"] is not None:
         cap = math.inf if mem["max_bytes"] is None else mem["max_bytes"]
         w.gauge("daemon_memory_max_bytes", "Memory cap of nix-daemon's cgroup (+Inf: none).", cap)
     if mem["oom_kills"] is not None:
-        w.metric("daemon_oom_kills_total", "counter", "OOM kills in nix-daemon's cgroup.", [({}, mem["oom_kills"])])
-    w.gauge("active_builds", "Builds running on this builder, from all clients.", snap["builds"]["active"])
+        w.metric(
+            "daemon_oom_kills_total",
+            "counter",
+            "OOM kills in nix-daemon's cgroup.",
+            [({}, mem["oom_kills"])],
+        )
+    w.gauge(
+        "active_builds",
+        "Builds running on this builder, from all clients.",
+        snap["builds"]["active"],
+    )
     cfg = snap["nix_config"]
     w.gauge("max_jobs", "Configured max-jobs.", cfg["max_jobs"])
     w.gauge("cores", "Configured cores per build (0: all).", cfg["cores"])
@@ -87,11 +123,23 @@ def render(snap: dict[str, Any]) -> str:
     w.gauge("max_free_bytes", "Configured max-free (+Inf: unlimited).", max_free)
     net = snap["network"]
     if net:
-        w.metric("network_receive_bytes_total", "counter", "Bytes received on counted interfaces.", [({}, net["rx_bytes_total"])])
-        w.metric("network_transmit_bytes_total", "counter", "Bytes sent on counted interfaces.", [({}, net["tx_bytes_total"])])
+        w.metric(
+            "network_receive_bytes_total",
+            "counter",
+            "Bytes received on counted interfaces.",
+            [({}, net["rx_bytes_total"])],
+        )
+        w.metric(
+            "network_transmit_bytes_total",
+            "counter",
+            "Bytes sent on counted interfaces.",
+            [({}, net["tx_bytes_total"])],
+        )
     gc = snap["gc"]
     w.gauge("gc_running", "1 while a store GC pass runs.", 1 if gc["running"] else 0)
-    w.gauge("gc_last_run_timestamp_seconds", "When the last GC pass ended (Unix time).", gc["last_run"])
+    w.gauge(
+        "gc_last_run_timestamp_seconds", "When the last GC pass ended (Unix time).", gc["last_run"]
+    )
     w.gauge("gc_last_freed_bytes", "Bytes freed by the last GC pass.", gc["bytes_freed"])
     w.gauge("gc_last_duration_seconds", "Duration of the last GC pass.", gc["duration_seconds"])
     return "\n".join(w.lines) + "\n"

@@ -1,0 +1,123 @@
+"""Shared fixtures: the farm harness (tests/farm.py) and test derivations."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import farm as farm_mod
+
+HERE = Path(__file__).resolve().parent
+BUILDS_NIX = HERE / "builds.nix"
+
+
+def harness_missing() -> str | None:
+    """Why the harness cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, mounts, users): run tests/run as root"
+    for tool in ("nix-build", "nix-daemon", "sshd", "ssh", "nsenter", "unshare"):
+        if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin"):
+            return f"needs {tool}: tests/run installs it"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = harness_missing()
+    if reason is None:
+        return
+    for item in items:
+        if "farm" in getattr(item, "fixturenames", ()) or item.get_closest_marker("harness"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "harness: needs root and the farm harness")
+
+
+def _ci_skips(config: pytest.Config) -> int:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    return len(skipped) if os.environ.get("CI") == "true" else 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI every test that can run here must run: a skip there fails the run."""
+    if _ci_skips(session.config) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if skips := _ci_skips(terminalreporter.config):
+        terminalreporter.write_line(
+            f"CI: {skips} test(s) skipped; every test must run in CI", red=True
+        )
+
+
+@pytest.fixture
+def farm() -> Iterator[farm_mod.Farm]:
+    """A fresh, empty farm; torn down after the test, pass or fail."""
+    with farm_mod.Farm() as f:
+        yield f
+
+
+class Client:
+    """The client side of the harness: host-namespace Nix with its own config."""
+
+    def __init__(self, root: Path) -> None:
+        self.conf_dir = root / "client-nix"
+        self.conf_dir.mkdir(exist_ok=True)
+        (self.conf_dir / "nix.conf").write_text(
+            # No substituters: the network is closed here, and a cache lookup would
+            # otherwise wait on a DNS failure for every build.
+            "substituters =\nsandbox = false\nbuilders-use-substitutes = false\n"
+            "experimental-features = nix-command\n"
+        )
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NIX_CONF_DIR": str(self.conf_dir)}
+
+    def build(
+        self, builders: str, nonce: str | None = None, timeout: float = 180, **args: int | str
+    ) -> subprocess.CompletedProcess[str]:
+        """nix-build tests/builds.nix with only remote builders (max-jobs 0)."""
+        return subprocess.run(
+            self.build_argv(builders, nonce, **args),
+            text=True,
+            capture_output=True,
+            env=self.env(),
+            timeout=timeout,
+        )
+
+    def build_argv(self, builders: str, nonce: str | None = None, **args: int | str) -> list[str]:
+        argv = [
+            "nix-build",
+            str(BUILDS_NIX),
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--builders",
+            builders,
+            "--argstr",
+            "nonce",
+            nonce or secrets.token_hex(4),
+        ]
+        for name, value in args.items():
+            argv += (
+                ["--arg", name, str(value)] if isinstance(value, int) else ["--argstr", name, value]
+            )
+        return argv
+
+
+@pytest.fixture
+def client(farm: farm_mod.Farm) -> Client:
+    """Nix on the host namespace, configured as a farm client."""
+    return Client(farm.root)

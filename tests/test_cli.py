@@ -1,0 +1,170 @@
+"""The `nixfarm` command as a user runs it: bad input gives one line and a documented exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NIXFARM = str(Path(sys.executable).parent / "nixfarm")
+
+
+def nixfarm(
+    *args: str,
+    env: dict[str, str] | None = None,
+    config: dict[str, object] | None = None,
+    tmp_path: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NIXFARM_", "SSH_"))}
+    if config is not None and tmp_path is not None:
+        path = tmp_path / "agent.json"
+        path.write_text(json.dumps(config))
+        full_env["NIXFARM_CONFIG"] = str(path)
+    full_env.update(env or {})
+    return subprocess.run(
+        [NIXFARM, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert text in result.stderr
+
+
+def test_missing_store_exits_3_with_one_line(tmp_path: Path) -> None:
+    result = nixfarm(
+        "metrics", config={"store_dir": str(tmp_path / "nix/store")}, tmp_path=tmp_path
+    )
+    assert_one_line(result, 3, f"Nix store {tmp_path}/nix/store does not exist")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["metrics", "--bogus"],
+        ["--bogus"],
+        ["stream", "--interval", "x"],
+        ["stream", "--interval", "0"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_bad_command_line_exits_2_with_one_line(args: list[str]) -> None:
+    assert_one_line(nixfarm(*args), 2, "nixfarm: error: ")
+
+
+def test_metrics_json_and_prometheus_are_mutually_exclusive() -> None:
+    assert_one_line(nixfarm("metrics", "--json", "--prometheus"), 2, "not allowed with argument")
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    result = nixfarm("metrics", config={"store_dri": "/nix/store"}, tmp_path=tmp_path)
+    assert_one_line(result, 2, "unknown key 'store_dri'")
+
+
+def test_help_explains_commands_and_exit_codes() -> None:
+    result = nixfarm("--help")
+    assert result.returncode == 0
+    for word in ("metrics", "stream", "gateway", "agent", "Exit codes"):
+        assert word in result.stdout
+    gateway_help = nixfarm("gateway", "--help").stdout
+    assert 'restrict,command="nixfarm gateway --client NAME --role ROLE"' in gateway_help.replace(
+        "\n", " "
+    )
+
+
+def test_stream_count_prints_that_many_json_lines(tmp_path: Path) -> None:
+    result = nixfarm(
+        "stream",
+        "--interval",
+        "0.05",
+        "--count",
+        "3",
+        config={"store_dir": str(tmp_path)},
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert all(json.loads(line)["store"]["path"] == str(tmp_path) for line in lines)
+
+
+def start_stream(tmp_path: Path) -> subprocess.Popen[bytes]:
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"store_dir": str(tmp_path)}))
+    return subprocess.Popen(
+        [NIXFARM, "--config", str(config), "stream", "--interval", "0.05"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_stream_ends_quietly_when_its_stdin_pipe_closes(tmp_path: Path) -> None:
+    stream = start_stream(tmp_path)
+    assert stream.stdin is not None and stream.stdout is not None
+    assert json.loads(stream.stdout.readline())["schema"] == 1
+    stream.stdin.close()  # what sshd does when the session ends
+    assert stream.wait(timeout=10) == 0
+    assert stream.stderr is not None
+    assert b"Traceback" not in stream.stderr.read()
+
+
+def test_stream_ends_quietly_when_the_reader_goes_away(tmp_path: Path) -> None:
+    stream = start_stream(tmp_path)
+    assert stream.stdout is not None and stream.stderr is not None
+    stream.stdout.readline()
+    stream.stdout.close()  # the reader is gone: the next write breaks the pipe
+    assert stream.wait(timeout=10) == 0
+    assert b"Traceback" not in stream.stderr.read()
+
+
+@pytest.mark.parametrize(
+    ("client", "role", "message"),
+    [
+        ("alice", "root", "--role 'root': must be one of build, metrics, admin"),
+        ("al ice", "build", "--client 'al ice'"),
+    ],
+)
+def test_gateway_misconfiguration_exits_2(client: str, role: str, message: str) -> None:
+    result = nixfarm(
+        "gateway",
+        "--client",
+        client,
+        "--role",
+        role,
+        env={"SSH_ORIGINAL_COMMAND": "nixfarm metrics"},
+    )
+    assert_one_line(result, 2, message)
+
+
+def test_gateway_refuses_a_long_command_in_one_line(tmp_path: Path) -> None:
+    # 100 KiB: an environment string cannot exceed 128 KiB (the 1 MiB case is in
+    # test_gateway_remote.py, where sshd itself drops it).
+    junk = "nix-daemon --stdio; " + "A" * (100 << 10)
+    result = nixfarm(
+        "gateway",
+        "--client",
+        "alice",
+        "--role",
+        "build",
+        env={"SSH_ORIGINAL_COMMAND": junk},
+        config={},
+        tmp_path=tmp_path,
+    )
+    assert_one_line(
+        result, 1, f"nixfarm gateway: refused: command too long ({len(junk)} bytes; at most 4096)"
+    )
+    assert result.stdout == ""

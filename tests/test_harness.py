@@ -1,0 +1,60 @@
+"""The farm harness itself: real, isolated builders, and nothing left behind."""
+
+from __future__ import annotations
+
+import pytest
+
+import farm as farm_mod
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.harness
+def test_teardown_leaves_nothing_behind_even_when_the_test_fails() -> None:
+    with pytest.raises(Boom), farm_mod.Farm() as f:
+        f.add_client("alice")
+        b1 = f.add_builder("b1", clients={"alice": "build"}, memory_max=256 << 20)
+        f.add_builder("b2", clients={"alice": "metrics"})
+        farm_id = f.id
+        # Something to clean up in each builder: a long stream session.
+        assert f.ssh("alice", b1, "nixfarm metrics").returncode == 0
+        assert farm_mod.leftovers(farm_id) != []
+        raise Boom
+    assert farm_mod.leftovers(farm_id) == []
+
+
+@pytest.mark.harness
+def test_builders_are_isolated_hosts() -> None:
+    with farm_mod.Farm() as f:
+        f.add_client("alice")
+        b1 = f.add_builder("b1", clients={"alice": "build"}, store_size="32m")
+        b2 = f.add_builder("b2", clients={"alice": "build"}, store_size="48m")
+        assert b1.address != b2.address
+        # Each has its own store filesystem of its own size, its own PID 1, daemon and sshd.
+        assert "32M" in b1.exec(["df", "-h", "/nix/store"]).stdout
+        assert "48M" in b2.exec(["df", "-h", "/nix/store"]).stdout
+        for b in (b1, b2):
+            commands = [cmd for _, cmd in b.processes()]
+            assert "farm_init.py" in dict(b.processes())[1]
+            assert any(cmd.endswith("nix-daemon") for cmd in commands)
+            assert any("sshd" in cmd and str(b.root) in cmd for cmd in commands)
+        # A file in one builder's store is not in the other's, nor on the host.
+        b1.exec(["touch", "/nix/store/only-in-b1"])
+        assert b2.exec(["ls", "/nix/store/only-in-b1"], check=False).returncode != 0
+        # Host keys differ and are pinned for clients.
+        assert b1.host_key != b2.host_key
+        assert f.known_hosts.read_text().count("ssh-ed25519") == 2
+
+
+@pytest.mark.harness
+def test_two_farms_side_by_side_get_their_own_addresses() -> None:
+    with farm_mod.Farm() as f1, farm_mod.Farm() as f2:
+        f1.add_client("alice")
+        f2.add_client("alice")
+        a = f1.add_builder("b1", clients={"alice": "metrics"})
+        b = f2.add_builder("b1", clients={"alice": "metrics"})
+        assert a.address != b.address
+        assert f1.ssh("alice", a, "nixfarm metrics").returncode == 0
+        assert f2.ssh("alice", b, "nixfarm metrics").returncode == 0
