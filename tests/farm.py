@@ -47,8 +47,11 @@ class FarmError(RuntimeError):
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run argv, check it, return its text output."""
-    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    """Run argv; FarmError with its stderr if it fails."""
+    result = subprocess.run(argv, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise FarmError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result  # type: ignore[no-any-return]
 
 
 def program(name: str) -> str:
@@ -62,7 +65,7 @@ def ensure_builder_user() -> None:
     """The builder user sshd lets in; shared by all harness builders (own keys each)."""
     try:
         run(["getent", "passwd", BUILDER_USER])
-    except subprocess.CalledProcessError:
+    except FarmError:
         os.makedirs(BUILDER_HOME, mode=0o755, exist_ok=True)
         run(["useradd", "--system", "--home-dir", BUILDER_HOME, "--shell", "/bin/sh", BUILDER_USER])
     # sshd refuses locked accounts ('!' in /etc/shadow); '*' means "no password" instead.
@@ -400,6 +403,7 @@ class Farm:
     def _start(self, b: Builder, slots: int) -> None:
         ready = b.root / "ready"
         spec = {
+            "hostname": b.name,
             "store_size": b.store_size,
             "etc_nix": str(b.root / "etc-nix"),
             "nix_daemon": program("nix-daemon"),
@@ -417,7 +421,7 @@ class Farm:
             # nsenter rather than `ip netns exec`, which mounts a fresh /sys and so
             # would hide /sys/fs/cgroup from the builder (and from its metrics).
             ["nsenter", f"--net=/run/netns/{b.netns}", "--",
-             "unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
+             "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
              self.python, str(HERE / "farm_init.py"), str(b.root / "spec.json")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

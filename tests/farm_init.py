@@ -11,6 +11,7 @@ Usage: farm_init.py SPEC.json   (written by tests/farm.py)
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ def start_daemons(spec: dict) -> None:
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    socket.sethostname(spec["hostname"])  # its own UTS namespace: metrics and builds name it
     setup_mounts(spec)
     start_daemons(spec)
     deadline = time.monotonic() + 30

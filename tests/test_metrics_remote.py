@@ -74,7 +74,9 @@ def test_daemon_memory_cap_on_the_builders_cgroup_is_reported(farm: Farm) -> Non
     capped = farm.add_builder("capped", clients={"watcher": "metrics"}, memory_max=300 * MiB)
     free = farm.add_builder("free", clients={"watcher": "metrics"})
 
-    mem = remote_metrics(farm, "watcher", capped)["nix_daemon_memory"]
+    snap = remote_metrics(farm, "watcher", capped)
+    assert snap["hostname"] == "capped"
+    mem = snap["nix_daemon_memory"]
     assert mem["error"] is None
     assert mem["source"] == {"v1": "cgroup1", "v2": "cgroup2"}[memory_cgroup_kind()]
     assert mem["cgroup"] == "/" + os.path.basename(capped.cgroup)
