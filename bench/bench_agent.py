@@ -128,11 +128,18 @@ def install_nixfarm(root: Path) -> Path:
     that no real installation has; the gateway is measured both ways.
     """
     venv = root / "installed-venv"
-    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    wheels = root / "wheels"
     agent = HERE.parent / "agent"
+    # Build the wheel with the dev venv's pip (it has a build backend at hand),
+    # then install it into a plain venv, offline, with no editable finder.
     subprocess.run(
-        [str(venv / "bin/pip"), "install", "-q", "--no-deps", "--no-index",
-         "--no-build-isolation", str(agent)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(agent)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
+    wheel = [str(w) for w in wheels.glob("*.whl")]
+    subprocess.run(
+        [str(venv / "bin/pip"), "install", "-q", "--no-deps", "--no-index", *wheel],
         check=True, capture_output=True,
     )  # fmt: skip
     return venv / "bin/nixfarm"
@@ -160,7 +167,7 @@ def bench_snapshot(count: int) -> dict[str, Any]:
 def fresh_metrics_time(f: farm.Farm, b: farm.Builder) -> float:
     """Seconds for one `ssh builder nixfarm metrics --json`, checked to return a snapshot."""
     start = time.perf_counter()
-    result = f.ssh("gw", b, "nixfarm metrics --json")
+    result = f.ssh("gwdev", b, "nixfarm metrics --json")
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise farm.FarmError(f"nixfarm metrics failed ({result.returncode}): {result.stderr}")
@@ -218,7 +225,7 @@ def drain_lines(proc: subprocess.Popen[bytes], seconds: float) -> int:
 def bench_memory(f: farm.Farm, b: farm.Builder, settle: float = 3.0) -> dict[str, Any]:
     """RSS of `nixfarm stream` after `settle` s vs an idle python started by sshd the same way."""
     stream = subprocess.Popen(
-        [*f.ssh_argv("gw", b), f"nixfarm stream --interval {STREAM_INTERVAL}"],
+        [*f.ssh_argv("gwdev", b), f"nixfarm stream --interval {STREAM_INTERVAL}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
