@@ -83,6 +83,23 @@ def read_cgroup_files(
     }
 
 
+def systemd_memory_dir(control_group: str, root: str = CGROUP_ROOT) -> str:
+    """The directory with the memory files of a systemd unit's cgroup.
+
+    systemd's ControlGroup property is one path, the same in every hierarchy.
+    The memory files are under the v2 mount where /sys/fs/cgroup is cgroup2,
+    else under the v1 memory hierarchy where the memory controller is still on
+    v1 (legacy and hybrid systems, e.g. this Debian), else under the hybrid
+    v2 mount at .../unified.
+    """
+    relative = control_group.lstrip("/")
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        return os.path.join(root, relative)
+    if os.path.isdir(os.path.join(root, "memory")):
+        return os.path.join(root, "memory", relative)
+    return os.path.join(root, "unified", relative)
+
+
 def _proc_stat(pid: str) -> tuple[str, int]:
     """(comm, ppid) of a process."""
     with open(f"/proc/{pid}/stat") as f:
@@ -145,7 +162,7 @@ class DaemonMemoryReader:
         current = int(unit.MemoryCurrent)
         limit = int(unit.MemoryMax)
         cgroup = str(unit.ControlGroup)
-        oom = _oom_kills(os.path.join(CGROUP_ROOT, cgroup.lstrip("/"))) if cgroup else None
+        oom = _oom_kills(systemd_memory_dir(cgroup, CGROUP_ROOT)) if cgroup else None
         return {
             "source": "systemd",
             "cgroup": cgroup or None,
