@@ -1,0 +1,305 @@
+# services.nixfarm.builder: this machine builds for the farm's clients.
+#
+# Options set here were checked against nixpkgs' own modules (nixos-25.05):
+# nix.settings.* and nix.nrBuildUsers: config/nix.nix, services/system/nix-daemon.nix;
+# users.users.*: config/users-groups.nix; services.openssh.*: services/networking/ssh/sshd.nix.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    literalExpression
+    ;
+  nixfarmLib = import ./lib.nix;
+  cfg = config.services.nixfarm.builder;
+  farm = config.services.nixfarm.farm;
+  entry = farm.builders.${cfg.name} or null;
+  builderNames = lib.concatStringsSep ", " (lib.attrNames farm.builders);
+  fromEntry = attr: if entry == null then nixfarmLib.builderDefaults.${attr} else entry.${attr};
+
+  jsonFormat = pkgs.formats.json { };
+  agentConfigFile = jsonFormat.generate "nixfarm-agent.json" cfg.settings;
+
+  size = types.either types.ints.unsigned (types.strMatching "[0-9]+[KMGT]?");
+  # systemd.resource-control(5): bytes with K/M/G/T, a percentage of RAM, or "infinity".
+  memoryLimit = types.nullOr (types.strMatching "[0-9]+[KMGT]?|[0-9]+(\\.[0-9]+)?%|infinity");
+
+  authorizedKeys = lib.mapAttrsToList (
+    name: client:
+    nixfarmLib.authorizedKeysLine {
+      nixfarm = cfg.package;
+      inherit name;
+      inherit (client) role publicKey;
+    }
+  ) farm.clients;
+in
+{
+  imports = [ ./inventory.nix ];
+
+  options.services.nixfarm.builder = {
+    enable = mkEnableOption "the nixfarm builder role";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nixfarm or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "pkgs.nixfarm or (pkgs.callPackage ./package.nix { })";
+      description = "The nixfarm package: its gateway is the only command client keys can run.";
+    };
+
+    name = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      example = "big";
+      description = ''
+        This builder's name in {option}`services.nixfarm.farm.builders`; its
+        entry there gives the defaults of the options below.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = fromEntry "sshUser";
+      defaultText = literalExpression "services.nixfarm.farm.builders.<name>.sshUser";
+      description = ''
+        The system account clients log in as (no password, no home). Its
+        authorized keys are the farm's clients, each forced to run
+        `nixfarm gateway`; it is a Nix trusted user, as remote builds need.
+      '';
+    };
+
+    maxJobs = mkOption {
+      type = types.ints.positive;
+      default = fromEntry "maxJobs";
+      defaultText = literalExpression "services.nixfarm.farm.builders.<name>.maxJobs";
+      description = "Nix's `max-jobs` on this builder (builds at once per client connection).";
+    };
+
+    buildUsers = mkOption {
+      type = types.ints.positive;
+      default = cfg.maxJobs;
+      defaultText = literalExpression "config.services.nixfarm.builder.maxJobs";
+      description = ''
+        `nix.nrBuildUsers`. Nix's `max-jobs` caps each daemon connection, not
+        the machine: with three clients, `max-jobs = 4` ran 8 builds at once.
+        Every build needs a build user and waits for a free one, so this is
+        what caps the builds of all clients together.
+      '';
+    };
+
+    cores = mkOption {
+      type = types.ints.unsigned;
+      default = fromEntry "cores";
+      defaultText = literalExpression "services.nixfarm.farm.builders.<name>.cores";
+      description = "Nix's `cores`: CPU cores each build may use (0: all).";
+    };
+
+    minFree = mkOption {
+      type = size;
+      default = fromEntry "minFree";
+      defaultText = literalExpression "services.nixfarm.farm.builders.<name>.minFree";
+      example = "10G";
+      description = ''
+        Nix's `min-free`, in bytes or with `K`/`M`/`G`/`T` (powers of 1024).
+        The agent reads it (and {option}`maxFree`) from nix.conf and keeps the
+        store's free space between the two, also when no build runs.
+      '';
+    };
+
+    maxFree = mkOption {
+      type = size;
+      default = fromEntry "maxFree";
+      defaultText = literalExpression "services.nixfarm.farm.builders.<name>.maxFree";
+      example = "50G";
+      description = "Nix's `max-free`: GC stops once this much is free. Must be above {option}`minFree`.";
+    };
+
+    systemFeatures = mkOption {
+      type = types.listOf types.str;
+      default = lib.unique (fromEntry "features" ++ fromEntry "mandatoryFeatures");
+      defaultText = literalExpression "features ++ mandatoryFeatures of this builder's entry";
+      description = ''
+        Nix's `system-features`. When empty, nixpkgs' default (`nixos-test`,
+        `benchmark`, `big-parallel`, `kvm`, ...) is kept.
+      '';
+    };
+
+    memoryMax = mkOption {
+      type = memoryLimit;
+      default = "90%";
+      example = "48G";
+      description = ''
+        `MemoryMax` of nix-daemon.service, which holds every build: the kernel
+        OOM-kills builds there before sshd, the agent or the rest of the
+        machine run out. `null`: no limit.
+      '';
+    };
+
+    memoryHigh = mkOption {
+      type = memoryLimit;
+      default = null;
+      example = "80%";
+      description = "`MemoryHigh` of nix-daemon.service: above it, builds are throttled and reclaimed. `null`: unset.";
+    };
+
+    oomScoreAdjust = mkOption {
+      type = types.ints.between (-1000) 1000;
+      default = 500;
+      description = ''
+        `OOMScoreAdjust` of nix-daemon.service, inherited by every build, so
+        that under global memory pressure the kernel kills a build rather
+        than sshd or the agent.
+      '';
+    };
+
+    tasksMax = mkOption {
+      type = types.nullOr (types.either types.ints.positive (types.strMatching "[0-9]+%|infinity"));
+      default = null;
+      example = 16384;
+      description = "`TasksMax` of nix-daemon.service; `null` keeps the unit's own value.";
+    };
+
+    agentInterval = mkOption {
+      type = types.ints.positive;
+      default = 10;
+      description = "Seconds between the agent's checks (`nixfarm agent --interval`).";
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = jsonFormat.type;
+        options = {
+          state_dir = mkOption {
+            type = types.str;
+            default = "/var/lib/nixfarm";
+            readOnly = true;
+            description = "Where the agent keeps its state (the service's StateDirectory).";
+          };
+          nix_bin_dir = mkOption {
+            type = types.str;
+            default = "${config.nix.package.out}/bin";
+            defaultText = literalExpression ''"''${config.nix.package.out}/bin"'';
+            description = "Where the gateway finds `nix-daemon` and `nix-store`: the system's Nix.";
+          };
+          network_interfaces = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "eth0" ];
+            description = "Interfaces whose traffic the metrics count; empty: all but loopback.";
+          };
+        };
+      };
+      default = { };
+      description = ''
+        The agent and gateway configuration, written to
+        {file}`/etc/nixfarm/agent.json` (keys: see the agent's README; an
+        unknown key stops the agent with an error naming it). `min-free` and
+        `max-free` are not keys here: the agent reads them from nix.conf.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = entry != null;
+        message = ''
+          services.nixfarm.builder.name is "${cfg.name}", but services.nixfarm.farm.builders has no
+          such builder (it has: ${builderNames}). Add it to the farm inventory, or set
+          services.nixfarm.builder.name to this machine's entry.
+        '';
+      }
+      {
+        assertion = farm.clients != { };
+        message = ''
+          services.nixfarm.farm.clients is empty, so no client could use this builder. Add each
+          client's public key there (see examples/farm.nix).
+        '';
+      }
+      {
+        assertion = nixfarmLib.parseSize cfg.minFree < nixfarmLib.parseSize cfg.maxFree;
+        message = ''
+          services.nixfarm.builder.minFree (${toString cfg.minFree}) must be below
+          services.nixfarm.builder.maxFree (${toString cfg.maxFree}): raise maxFree or lower minFree.
+        '';
+      }
+    ];
+
+    users.users.${cfg.user} = {
+      isSystemUser = true;
+      group = cfg.user;
+      description = "nixfarm remote builds (SSH keys forced to nixfarm gateway)";
+      # sshd runs a forced command as `$SHELL -c "<command>"`: nologin (the
+      # system-user default, pkgs.shadow) would refuse every session.
+      useDefaultShell = true;
+      # "*": no password can match, and the account is not locked. Without a
+      # password NixOS writes "!" (update-users-groups.pl), and sshd refuses
+      # "!"-locked accounts whenever UsePAM is off (OpenSSH auth.c, allowed_user).
+      hashedPassword = "*";
+      openssh.authorizedKeys.keys = authorizedKeys;
+    };
+    users.groups.${cfg.user} = { };
+
+    nix.settings = {
+      # Remote builds need a trusted user: the client's store paths arrive
+      # unsigned (https://nix.dev/manual/nix/stable/command-ref/conf-file#conf-trusted-users).
+      # Only the gateway runs as this user, and only Nix's protocols.
+      trusted-users = [ cfg.user ];
+      max-jobs = cfg.maxJobs;
+      cores = cfg.cores;
+      min-free = nixfarmLib.parseSize cfg.minFree;
+      max-free = nixfarmLib.parseSize cfg.maxFree;
+      system-features = mkIf (cfg.systemFeatures != [ ]) cfg.systemFeatures;
+    };
+
+    # nix-daemon.nix sets this with mkDefault (at least 32); ours replaces it.
+    nix.nrBuildUsers = cfg.buildUsers;
+
+    # nix-daemon.nix declares the unit; serviceConfig is systemd's freeform
+    # attrset, so these become [Service] lines of nix-daemon.service.
+    systemd.services.nix-daemon.serviceConfig = lib.filterAttrs (_: v: v != null) {
+      MemoryAccounting = true;
+      MemoryMax = cfg.memoryMax;
+      MemoryHigh = cfg.memoryHigh;
+      OOMScoreAdjust = cfg.oomScoreAdjust;
+      TasksMax = cfg.tasksMax;
+    };
+
+    environment.etc."nixfarm/agent.json".source = agentConfigFile;
+
+    services.openssh.enable = true;
+    # After every other sshd_config line: a Match block runs to the end of the
+    # file, so nothing may follow it by accident. Belt and braces with the
+    # keys' own `restrict`: whatever a key says, this account gets no
+    # forwarding, no tty, no ~/.ssh/rc, no password, no home-dir keys.
+    services.openssh.extraConfig = lib.mkAfter ''
+      Match User ${cfg.user}
+        AuthenticationMethods publickey
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        AuthorizedKeysFile /etc/ssh/authorized_keys.d/%u
+        DisableForwarding yes
+        AllowTcpForwarding no
+        AllowAgentForwarding no
+        AllowStreamLocalForwarding no
+        X11Forwarding no
+        PermitTunnel no
+        PermitTTY no
+        PermitUserRC no
+    '';
+
+    systemd.services.nixfarm-agent = import ./agent-service.nix {
+      inherit lib;
+      inherit (cfg) package agentInterval;
+      configFile = "/etc/nixfarm/agent.json";
+      restartTriggers = [ agentConfigFile ];
+    };
+  };
+}

@@ -1,0 +1,316 @@
+# services.nixfarm.client: this machine sends its builds to the farm.
+#
+# Options set here were checked against nixpkgs' own modules (nixos-25.05):
+# nix.distributedBuilds, nix.buildMachines: config/nix-remote-build.nix;
+# nix.settings.*: config/nix.nix; programs.ssh.*: programs/ssh.nix.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    literalExpression
+    ;
+  nixfarmLib = import ./lib.nix;
+  cfg = config.services.nixfarm.client;
+  farm = config.services.nixfarm.farm;
+  builders = lib.filterAttrs (name: _: lib.elem name cfg.builders) farm.builders;
+  sshKey = if cfg.sshKey == null then "/nonexistent-see-assertions" else cfg.sshKey;
+
+  jsonFormat = pkgs.formats.json { };
+  # What `nixfarm dispatch` reads: the builders as this client reaches them,
+  # and the line Nix uses for each when the dispatcher knows nothing better.
+  inventoryFile = jsonFormat.generate "nixfarm-inventory.json" {
+    client = {
+      name = cfg.name;
+      key_file = sshKey;
+    };
+    builders = lib.mapAttrsToList (name: b: {
+      inherit name;
+      host_name = b.hostName;
+      inherit (b) address port protocol systems features;
+      ssh_user = b.sshUser;
+      mandatory_features = b.mandatoryFeatures;
+      host_key = nixfarmLib.keyOnly b.hostKey;
+      max_jobs = b.maxJobs;
+      speed_factor = b.speedFactor;
+      static_line = nixfarmLib.machinesLine (b // { inherit sshKey; });
+    }) builders;
+  };
+  machinesDir = dirOf cfg.dispatcher.machinesFile;
+  builderNames = lib.concatStringsSep ", " (lib.attrNames farm.builders);
+  isUnknown = name: !(farm.builders ? ${name});
+  unknownBuilders = lib.concatStringsSep ", " (lib.filter isUnknown cfg.builders);
+  keyPathIsSafe = lib.hasPrefix "/" cfg.sshKey && !lib.hasPrefix builtins.storeDir cfg.sshKey;
+in
+{
+  imports = [ ./inventory.nix ];
+
+  options.services.nixfarm.client = {
+    enable = mkEnableOption "the nixfarm client role";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nixfarm or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "pkgs.nixfarm or (pkgs.callPackage ./package.nix { })";
+      description = "The nixfarm package (the dispatcher).";
+    };
+
+    name = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      description = ''
+        This client's name in {option}`services.nixfarm.farm.clients`, where
+        its public key must be listed for the builders to accept it.
+      '';
+    };
+
+    sshKey = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/nix/nixfarm_ed25519";
+      description = ''
+        Path to this client's SSH private key (root-owned, mode 0600, no
+        passphrase), used by nix-daemon and the dispatcher. A path string,
+        never a Nix path: it must not be copied into the world-readable store.
+        Create it with `ssh-keygen -t ed25519 -N "" -f /etc/nix/nixfarm_ed25519`.
+      '';
+    };
+
+    builders = mkOption {
+      type = types.listOf types.str;
+      default = lib.attrNames farm.builders;
+      defaultText = literalExpression "lib.attrNames config.services.nixfarm.farm.builders";
+      example = [ "big" ];
+      description = "Which builders of the farm inventory this client uses.";
+    };
+
+    buildersUseSubstitutes = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Nix's `builders-use-substitutes`: builders fetch what they can from
+        binary caches themselves instead of receiving it from this client,
+        which is usually the slower link.
+      '';
+    };
+
+    connectTimeout = mkOption {
+      type = types.ints.positive;
+      default = 10;
+      description = "ssh `ConnectTimeout` (seconds) to each builder: how long an unreachable builder can hold a build.";
+    };
+
+    serverAliveInterval = mkOption {
+      type = types.ints.positive;
+      default = 60;
+      description = "ssh `ServerAliveInterval` (seconds): keepalives on an idle build connection.";
+    };
+
+    serverAliveCountMax = mkOption {
+      type = types.ints.positive;
+      default = 3;
+      description = ''
+        ssh `ServerAliveCountMax`: unanswered keepalives before ssh gives up,
+        so a dead link fails a build after interval * count seconds.
+      '';
+    };
+
+    dispatcher = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Run `nixfarm dispatch`, which watches every builder's load and
+          health and keeps {option}`services.nixfarm.client.dispatcher.machinesFile`
+          true (Nix's `builders` points there). Off: Nix uses the static
+          {file}`/etc/nix/machines` from the inventory.
+        '';
+      };
+      machinesFile = mkOption {
+        type = types.str;
+        default = "/var/lib/nixfarm-client/machines";
+        description = ''
+          The machines file the dispatcher keeps and Nix reads (`builders =
+          @FILE`). Each dispatcher start first copies the static
+          {file}`/etc/nix/machines` there, so Nix always has a valid file.
+        '';
+      };
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "More arguments for `nixfarm dispatch`.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.sshKey != null;
+        message = ''
+          services.nixfarm.client.sshKey is not set. Create a key as root with
+            ssh-keygen -t ed25519 -N "" -f /etc/nix/nixfarm_ed25519
+          set services.nixfarm.client.sshKey = "/etc/nix/nixfarm_ed25519"; and put the .pub
+          file's line in services.nixfarm.farm.clients.${cfg.name}.publicKey.
+        '';
+      }
+      {
+        assertion = cfg.sshKey == null || keyPathIsSafe;
+        message = ''
+          services.nixfarm.client.sshKey must be an absolute path outside ${builtins.storeDir}
+          (the store is world-readable): give the key file's path as a string,
+          e.g. "/etc/nix/nixfarm_ed25519".
+        '';
+      }
+      {
+        assertion = builders != { };
+        message = ''
+          services.nixfarm.client has no builders: services.nixfarm.farm.builders is empty or
+          services.nixfarm.client.builders names none of them. Describe the builders in the farm
+          inventory (see examples/farm.nix).
+        '';
+      }
+      {
+        assertion = !(lib.any isUnknown cfg.builders);
+        message = ''
+          services.nixfarm.client.builders lists ${unknownBuilders}, which
+          services.nixfarm.farm.builders does not have (it has: ${builderNames}).
+        '';
+      }
+      {
+        assertion = farm.clients ? ${cfg.name};
+        message = ''
+          services.nixfarm.client.name is "${cfg.name}", but services.nixfarm.farm.clients has no
+          such client, so no builder would accept its key. Add its public key there, or set
+          services.nixfarm.client.name to its entry.
+        '';
+      }
+    ];
+
+    nix.distributedBuilds = true;
+    # The static fallback: nixpkgs writes it to /etc/nix/machines.
+    nix.buildMachines = lib.mapAttrsToList (_: b: {
+      inherit (b)
+        hostName
+        protocol
+        sshUser
+        systems
+        maxJobs
+        speedFactor
+        mandatoryFeatures
+        ;
+      inherit sshKey;
+      supportedFeatures = b.features;
+      publicHostKey = nixfarmLib.base64Encode (nixfarmLib.keyOnly b.hostKey);
+    }) builders;
+
+    nix.settings = {
+      builders-use-substitutes = cfg.buildersUseSubstitutes;
+      # Nix's build hook re-reads this file for every remote build, so the
+      # dispatcher's atomic rewrites take effect without restarting anything.
+      builders = mkIf cfg.dispatcher.enable "@${cfg.dispatcher.machinesFile}";
+    };
+
+    # Read by nix-daemon's ssh (root) and by the dispatcher. mkAfter: a Host
+    # block runs until the next Host line, so keep it after other modules'
+    # global lines (programs.ssh.extraConfig is placed before `Host *`).
+    programs.ssh.extraConfig = lib.mkAfter (
+      lib.concatMapStrings (
+        b:
+        nixfarmLib.sshHostBlock {
+          builder = b;
+          inherit sshKey;
+          inherit (cfg) connectTimeout serverAliveInterval serverAliveCountMax;
+        }
+      ) (lib.attrValues builders)
+    );
+
+    programs.ssh.knownHosts = lib.mapAttrs' (
+      name: b:
+      lib.nameValuePair "nixfarm-${name}" {
+        hostNames = nixfarmLib.knownHostNames b;
+        publicKey = nixfarmLib.keyOnly b.hostKey;
+      }
+    ) builders;
+
+    environment.etc."nixfarm/inventory.json".source = inventoryFile;
+
+    systemd.tmpfiles.rules = mkIf cfg.dispatcher.enable [ "d ${machinesDir} 0755 root root - -" ];
+
+    systemd.services.nixfarm-dispatch = mkIf cfg.dispatcher.enable {
+      description = "nixfarm dispatcher: keeps Nix's machines file true to the builders' load";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      restartTriggers = [ inventoryFile ];
+      serviceConfig = {
+        # Start from the static list: Nix has a valid machines file from the
+        # first moment, and keeps it if the dispatcher stops. Atomic (rename).
+        ExecStartPre = pkgs.writeShellScript "nixfarm-seed-machines" ''
+          set -eu
+          tmp=$(${pkgs.coreutils}/bin/mktemp ${machinesDir}/.machines.XXXXXX)
+          ${pkgs.coreutils}/bin/cat /etc/nix/machines > "$tmp"
+          ${pkgs.coreutils}/bin/chmod 0644 "$tmp"
+          ${pkgs.coreutils}/bin/mv -f "$tmp" ${cfg.dispatcher.machinesFile}
+        '';
+        ExecStart = lib.escapeShellArgs (
+          [
+            (lib.getExe cfg.package)
+            "dispatch"
+            "--inventory"
+            "/etc/nixfarm/inventory.json"
+            "--machines"
+            cfg.dispatcher.machinesFile
+          ]
+          ++ cfg.dispatcher.extraArgs
+        );
+        Restart = "on-failure";
+        RestartSec = "10s";
+        # Root for the client key (root-owned, 0600, as nix-daemon reads it);
+        # everything else is taken away. It writes only the machines file's
+        # directory (created by the tmpfiles rule below).
+        ReadWritePaths = [ machinesDir ];
+        CapabilityBoundingSet = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible"; # it never looks at other processes
+        # AF_NETLINK: glibc's getaddrinfo asks the kernel for local addresses.
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+          "AF_NETLINK"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        # Not MemoryDenyWriteExecute: asyncssh's crypto goes through cffi,
+        # whose callbacks may need writable+executable memory.
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        UMask = "0022";
+      };
+    };
+  };
+}

@@ -1,0 +1,7 @@
+# nixosModules.default: both roles (each is off until enabled), one inventory.
+{
+  imports = [
+    ./builder.nix
+    ./client.nix
+  ];
+}
