@@ -1,0 +1,28 @@
+# Evaluates one of examples/ as a NixOS machine with nixpkgs' eval-config.nix.
+# Used by the flake's checks and by tests/test_nix_modules.py (NIXPKGS=...).
+{
+  nixpkgs,
+  example,
+  hostName,
+  system ? "x86_64-linux",
+  extraModules ? [ ],
+}:
+import "${nixpkgs}/nixos/lib/eval-config.nix" {
+  system = null; # set modularly below
+  modules = [
+    ../../modules
+    example
+    {
+      imports = extraModules;
+      nixpkgs.hostPlatform = system;
+      networking.hostName = hostName;
+      # Just enough of a machine for system.build.toplevel to evaluate.
+      fileSystems."/" = {
+        device = "/dev/vda";
+        fsType = "ext4";
+      };
+      boot.loader.grub.device = "nodev";
+      system.stateVersion = "25.05";
+    }
+  ];
+}
