@@ -1,0 +1,106 @@
+# What tests/test_nix_modules.py asserts about the examples, as one JSON
+# value: the generated files and settings of the example builder and client,
+# and the failed assertions of deliberately broken variants.
+# nix-instantiate --eval --strict --json tests/nix/example-facts.nix --argstr nixpkgs $NIXPKGS
+{ nixpkgs }:
+let
+  lib = import "${nixpkgs}/lib";
+  nixfarmLib = import ../../modules/lib.nix;
+  farm = import ../../examples/farm.nix;
+
+  machine =
+    name: hostName: extraModules:
+    (import ./eval-example.nix {
+      inherit nixpkgs hostName extraModules;
+      example = ../../examples/${name}.nix;
+    }).config;
+
+  failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  # A generated /etc file's text: writeText derivations keep it in `text`.
+  etcText =
+    config: file:
+    let
+      entry = config.environment.etc.${file};
+    in
+    entry.source.text or entry.text;
+
+  builder = machine "builder" "big" [ ];
+  client = machine "client" "laptop" [ ];
+  user = builder.services.nixfarm.builder.user;
+in
+{
+  builder = {
+    failedAssertions = failed builder;
+    inherit (builder) warnings;
+    user = {
+      name = user;
+      inherit (builder.users.users.${user})
+        isSystemUser
+        useDefaultShell
+        hashedPassword
+        group
+        ;
+      authorizedKeys = builder.users.users.${user}.openssh.authorizedKeys.keys;
+    };
+    authorizedKeysFile = etcText builder "ssh/authorized_keys.d/${user}";
+    nixConf = etcText builder "nix/nix.conf";
+    settings = {
+      inherit (builder.nix.settings)
+        min-free
+        max-free
+        max-jobs
+        cores
+        trusted-users
+        system-features
+        ;
+    };
+    nrBuildUsers = builder.nix.nrBuildUsers;
+    sshdExtraConfig = builder.services.openssh.extraConfig;
+    opensshEnabled = builder.services.openssh.enable;
+    nixDaemon = builder.systemd.services.nix-daemon.serviceConfig;
+    agent = {
+      inherit (builder.systemd.services.nixfarm-agent) wantedBy environment;
+      serviceConfig = builder.systemd.services.nixfarm-agent.serviceConfig;
+    };
+    agentSettings = builder.services.nixfarm.builder.settings;
+    package = "${builder.services.nixfarm.builder.package}";
+  };
+
+  client = {
+    failedAssertions = failed client;
+    inherit (client) warnings;
+    machines = client.environment.etc."nix/machines".text;
+    expectedMachines = lib.concatMapStrings (
+      b: nixfarmLib.machinesLine (b // { sshKey = "/etc/nix/nixfarm_ed25519"; }) + "\n"
+    ) (lib.attrValues farm.builders);
+    nixConf = etcText client "nix/nix.conf";
+    settings = {
+      inherit (client.nix.settings) builders builders-use-substitutes;
+    };
+    distributedBuilds = client.nix.distributedBuilds;
+    sshConfig = client.environment.etc."ssh/ssh_config".text;
+    knownHosts = client.environment.etc."ssh/ssh_known_hosts".text;
+    dispatcher = client.systemd.services.nixfarm-dispatch.serviceConfig;
+    inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
+  };
+
+  broken = {
+    client = failed (
+      machine "client" "laptop" [
+        {
+          services.nixfarm.client.sshKey = lib.mkForce null;
+          services.nixfarm.client.builders = lib.mkForce [ "nosuch" ];
+        }
+      ]
+    );
+    builder = failed (
+      machine "builder" "big" [
+        {
+          services.nixfarm.builder.name = lib.mkForce "nosuch";
+          services.nixfarm.builder.minFree = "200G";
+          services.nixfarm.farm.builders.big.minFree = lib.mkForce "1T";
+        }
+      ]
+    );
+  };
+}
