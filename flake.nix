@@ -58,7 +58,7 @@
           packages = [
             (pkgs.python3.withPackages (
               ps:
-              self.packages.${pkgs.stdenv.hostPlatform.system}.nixfarm.passthru.dependencies ps
+              (pkgs.callPackage ./modules/package.nix { }).passthru.pythonDependencies ps
               ++ [
                 ps.pytest
                 ps.prometheus-client

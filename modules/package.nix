@@ -37,7 +37,8 @@ python3Packages.buildPythonApplication {
 
   dependencies = dependencies python3Packages;
 
-  passthru = { inherit dependencies; };
+  # A function of the Python package set; `dependencies` itself is taken.
+  passthru.pythonDependencies = dependencies;
 
   # The unit tests live in the repository's tests/ (outside agent/) and run
   # in checks.<system>.unit-tests; here we only check that it imports.

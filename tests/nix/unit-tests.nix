@@ -10,7 +10,7 @@
 let
   python = python3.withPackages (
     ps:
-    nixfarm.passthru.dependencies ps
+    nixfarm.passthru.pythonDependencies ps
     ++ [
       ps.pytest
       ps.prometheus-client
