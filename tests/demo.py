@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import Client  # noqa: E402
-from farm import Builder, Farm  # noqa: E402
+from conftest import Client
+from farm import Builder, Farm
 
 BUILDERS = {"big": 4, "medium": 2, "small": 1}  # name -> build slots
 CLIENTS = ("alice", "bob")
@@ -46,8 +46,13 @@ class LiveMetrics:
         self._procs = []
         for b in builders:
             argv = [*farm.ssh_argv("watcher", b), "nixfarm stream --interval 0.5"]
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._procs.append(proc)
             threading.Thread(target=self._read, args=(b.name, proc), daemon=True).start()
 
@@ -63,18 +68,22 @@ class LiveMetrics:
 
 
 def table(live: LiveMetrics, elapsed: float, done: dict[str, float | None]) -> str:
-    rows = [f"nixfarm demo: {elapsed:5.1f} s   "
-            + "   ".join(f"{c}: {'done in %.1f s' % t if t else 'building'}" for c, t in done.items()),
-            "",
-            f"{'builder':8} {'slots':>5} {'active':>6} {'load1':>6} {'store free':>11} {'rx KiB/s':>9}"]  # fmt: skip
+    rows = [
+        f"nixfarm demo: {elapsed:5.1f} s   "
+        + "   ".join(f"{c}: {f'done in {t:.1f} s' if t else 'building'}" for c, t in done.items()),
+        "",
+        f"{'builder':8} {'slots':>5} {'active':>6} {'load1':>6} {'store free':>11} {'rx KiB/s':>9}",
+    ]
     for name, slots in BUILDERS.items():
         snap = live.latest.get(name)
         if snap is None:
             rows.append(f"{name:8} {slots:>5} {'-':>6}")
             continue
         rx = snap["network"]["rx_bytes_per_second"] or 0
-        rows.append(f"{name:8} {slots:>5} {snap['builds']['active']:>6} {snap['load']['avg1']:>6.2f} "
-                    f"{snap['store']['free_bytes'] / 2**20:>8.1f} MiB {rx / 1024:>9.1f}")  # fmt: skip
+        rows.append(
+            f"{name:8} {slots:>5} {snap['builds']['active']:>6} {snap['load']['avg1']:>6.2f} "
+            f"{snap['store']['free_bytes'] / 2**20:>8.1f} MiB {rx / 1024:>9.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -98,12 +107,25 @@ def run(builds: int, seconds: int) -> dict[str, Any]:
         for client in CLIENTS:
             machines = farm.root / f"machines-{client}"
             key = farm.client_keys[client]
-            machines.write_text("".join(
-                b.machines_line(key, max_jobs=BUILDERS[n]) + "\n" for n, b in builders.items()))  # fmt: skip
-            argv = Client(farm.root).build_argv(f"@{machines}", f"{farm.id}{client}{secrets.token_hex(2)}",
-                                                count=builds, seconds=seconds, slots=1)  # fmt: skip
-            procs[client] = subprocess.Popen(argv, env=Client(farm.root).env(), text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+            machines.write_text(
+                "".join(
+                    b.machines_line(key, max_jobs=BUILDERS[n]) + "\n" for n, b in builders.items()
+                )
+            )
+            argv = Client(farm.root).build_argv(
+                f"@{machines}",
+                f"{farm.id}{client}{secrets.token_hex(2)}",
+                count=builds,
+                seconds=seconds,
+                slots=1,
+            )
+            procs[client] = subprocess.Popen(
+                argv,
+                env=Client(farm.root).env(),
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         done: dict[str, float | None] = dict.fromkeys(CLIENTS)
         outputs: dict[str, list[str]] = {}
         try:
@@ -115,7 +137,9 @@ def run(builds: int, seconds: int) -> dict[str, Any]:
                         if proc.returncode != 0:
                             raise SystemExit(f"{client}'s builds failed:\n{stderr[-2000:]}")
                         outputs[client] = stdout.split()
-                sys.stdout.write("\033[H\033[J" + table(live, time.monotonic() - started, done) + "\n")
+                sys.stdout.write(
+                    "\033[H\033[J" + table(live, time.monotonic() - started, done) + "\n"
+                )
                 sys.stdout.flush()
                 time.sleep(0.5)
         finally:
@@ -123,7 +147,9 @@ def run(builds: int, seconds: int) -> dict[str, Any]:
                 if proc.poll() is None:
                     proc.kill()
             live.close()
-        placed = Counter(Path(p).read_text().split()[-1] for paths in outputs.values() for p in paths)
+        placed = Counter(
+            Path(p).read_text().split()[-1] for paths in outputs.values() for p in paths
+        )
         makespan = max(t for t in done.values() if t)
         work = len(CLIENTS) * builds * seconds
         return {
@@ -138,7 +164,9 @@ def run(builds: int, seconds: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--builds", type=int, default=8, help="builds per client (default 8)")
-    parser.add_argument("--seconds", type=int, default=2, help="seconds each build works (default 2)")
+    parser.add_argument(
+        "--seconds", type=int, default=2, help="seconds each build works (default 2)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args()
     # Ctrl-C and SIGTERM both end the demo through the farm's teardown.
@@ -151,8 +179,10 @@ def main() -> int:
     print("\nsummary")
     for name, count in summary["builds_per_builder"].items():
         print(f"  {name:8} ({BUILDERS[name]} slots): {count} builds")
-    print(f"  makespan {summary['makespan_seconds']} s for {summary['builds']} builds "
-          f"(best possible {summary['lower_bound_seconds']:.1f} s)")  # fmt: skip
+    print(
+        f"  makespan {summary['makespan_seconds']} s for {summary['builds']} builds "
+        f"(best possible {summary['lower_bound_seconds']:.1f} s)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -95,6 +95,9 @@ class Builder:
     init_pid: int = 0  # PID of its init, as the host sees it
     cgroup: str = ""  # absolute cgroup directory, if a memory cgroup was made
     clients: dict[str, str] = field(default_factory=dict)  # client -> role
+    agents: dict[int, subprocess.Popen[bytes]] = field(
+        default_factory=dict
+    )  # agent PID -> its nsenter
 
     @property
     def netns(self) -> str:
@@ -201,16 +204,24 @@ class Farm:
     def ssh_argv(self, client: str, builder: Builder, *extra: str) -> list[str]:
         """The ssh argv a client uses to reach a builder, strict host-key checking on."""
         return [
-            "ssh", "-F", "/dev/null",
-            "-i", str(self.client_keys[client]),
-            "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=5",
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(self.client_keys[client]),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=5",
             *extra,
             f"{BUILDER_USER}@{builder.address}",
-        ]  # fmt: skip
+        ]
 
     def ssh(
         self,
@@ -311,6 +322,7 @@ class Farm:
             "state_dir": str(state),
             "gateway_log": str(gateway_log),
             "network_interfaces": ["eth0"],
+            "control_group": BUILDER_USER,  # the gateway's admin role asks the agent for GC
             **agent_config,
         }
         (b.root / "agent.json").write_text(json.dumps(config))
@@ -420,11 +432,25 @@ class Farm:
         b.unshare = subprocess.Popen(
             # nsenter rather than `ip netns exec`, which mounts a fresh /sys and so
             # would hide /sys/fs/cgroup from the builder (and from its metrics).
-            ["nsenter", f"--net=/run/netns/{b.netns}", "--",
-             "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
-             self.python, str(HERE / "farm_init.py"), str(b.root / "spec.json")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                "nsenter",
+                f"--net=/run/netns/{b.netns}",
+                "--",
+                "unshare",
+                "--mount",
+                "--uts",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child=SIGKILL",
+                self.python,
+                str(HERE / "farm_init.py"),
+                str(b.root / "spec.json"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 30
         while not ready.exists():
             if b.unshare.poll() is not None or time.monotonic() > deadline:
@@ -440,6 +466,36 @@ class Farm:
         if len(children) != 1:
             raise FarmError(f"expected one child of unshare {pid}, found {children}")
         return int(children[0])
+
+    def start_agent(self, b: Builder, *args: str) -> int:
+        """Start `nixfarm agent` in the builder as root; returns its PID (host view)."""
+        log = (b.root / "agent.log").open("ab")
+        argv = [self.nixfarm, "--config", str(b.root / "agent.json"), "agent", *args]
+        nsenter = subprocess.Popen(
+            ["nsenter", "-t", str(b.init_pid), "-m", "-n", "-p", "--", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        sock = b.root / "state" / "control.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if nsenter.poll() is not None or time.monotonic() > deadline:
+                raise FarmError(
+                    f"agent on {b.name} did not start: {(b.root / 'agent.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.02)
+        pid = self._child_of(nsenter.pid)
+        b.agents[pid] = nsenter
+        return pid
+
+    def stop_agent(self, b: Builder, pid: int) -> int:
+        """SIGTERM the agent (if still running) and wait; returns its exit status."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            return b.agents.pop(pid).wait(timeout=30)  # nsenter exits with the agent's status
+        except subprocess.TimeoutExpired:
+            raise FarmError(f"agent {pid} on {b.name} did not stop within 30 s") from None
 
     def restart_sshd(self, b: Builder) -> None:
         """Start the builder's sshd again (after a test killed it)."""

@@ -132,7 +132,7 @@ def test_network_interfaces_items_must_be_strings(items: list[Any]) -> None:
 
 @pytest.mark.parametrize("value", [0, 0.0, -1, -0.5])
 def test_stream_max_seconds_must_be_positive(value: float) -> None:
-    with pytest.raises(ConfigError, match=r"key 'stream_max_seconds' must be positive"):
+    with pytest.raises(ConfigError, match=r"key 'stream_max_seconds' must be a positive"):
         parse_config({"stream_max_seconds": value}, "agent.json")
 
 

@@ -62,7 +62,8 @@ REFUSED_FOR_ALL = [
     ("nixfarm stream --interval=2", r"nixfarm stream takes only --interval SECONDS"),
     ("nixfarm stream --interval 2 --interval 3", r"nixfarm stream takes only --interval"),
     ("nixfarm stream --count 1", r"nixfarm stream takes only --interval SECONDS"),
-    ("nixfarm gc", r"nixfarm gc is not allowed \(allowed: "),
+    ("nixfarm gc", r"nixfarm gc takes one of --status, --dry-run, --now"),
+    ("nixfarm frobnicate", r"nixfarm frobnicate is not allowed \(allowed: "),
     ("nixfarm agent", r"nixfarm agent is not allowed \(allowed: "),
     ("nixfarm gateway --client x --role admin", r"nixfarm gateway is not allowed \(allowed: "),
     ("nixfarm --config /etc/shadow metrics", r"nixfarm --config is not allowed \(allowed: "),
@@ -206,16 +207,18 @@ def test_stream_interval_bounds_are_inclusive(value: str, expected: float) -> No
 
 def test_refusal_names_the_allowed_commands_for_the_role() -> None:
     with pytest.raises(RefusedError) as metrics_refusal:
-        decide(["nixfarm", "gc"], "metrics")
-    assert "allowed: nixfarm metrics, nixfarm stream)" in str(metrics_refusal.value)
+        decide(["nixfarm", "frobnicate"], "metrics")
+    assert "allowed: nixfarm metrics, nixfarm stream, nixfarm gc --status)" in str(
+        metrics_refusal.value
+    )
     with pytest.raises(RefusedError) as build_refusal:
-        decide(["nixfarm", "gc"], "build")
+        decide(["nixfarm", "frobnicate"], "build")
     assert "nix-daemon --stdio" in str(build_refusal.value)
     assert "nix-store --serve --write" in str(build_refusal.value)
 
 
 def test_allowed_summary_per_role() -> None:
-    assert allowed_summary("metrics") == "nixfarm metrics, nixfarm stream"
+    assert allowed_summary("metrics") == "nixfarm metrics, nixfarm stream, nixfarm gc --status"
     build = allowed_summary("build")
     for command in (
         "nixfarm metrics",
@@ -226,6 +229,53 @@ def test_allowed_summary_per_role() -> None:
     ):
         assert command in build
     assert allowed_summary("admin").startswith(build)
+    assert "nixfarm gc --now" in allowed_summary("admin")
+    assert "nixfarm gc --now" not in build
+
+
+# gc
+
+
+@pytest.mark.parametrize("role", ["metrics", "build", "admin"])
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_every_role_may_read_gc_status(role: str, json_flag: list[str]) -> None:
+    d = decide(["nixfarm", "gc", "--status", *json_flag], role)
+    assert (d.action, d.gc_action) == ("gc", "status")
+    assert d.output_format == ("json" if json_flag else "text")
+
+
+@pytest.mark.parametrize("action", ["--now", "--dry-run"])
+@pytest.mark.parametrize("role", ["metrics", "build"])
+def test_gc_control_needs_the_admin_role(action: str, role: str) -> None:
+    with pytest.raises(
+        RefusedError,
+        match=f"'nixfarm gc {action}' needs the admin role; this key has the {role} role",
+    ):
+        decide(["nixfarm", "gc", action], role)
+
+
+def test_admin_may_run_gc_with_a_target() -> None:
+    d = decide(["nixfarm", "gc", "--now", "--target-free", "32M", "--json"], "admin")
+    assert (d.gc_action, d.target_free, d.output_format) == ("now", 32 << 20, "json")
+    assert decide(["nixfarm", "gc", "--dry-run"], "admin").target_free is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--now", "--dry-run"],
+        ["--status", "--status"],
+        ["--now", "--json", "--json"],
+        ["--now", "--target-free"],
+        ["--now", "--target-free", "lots"],
+        ["--now", "--config", "/etc/shadow"],
+        ["--now", "--target-free", "1M", "--target-free", "2M"],
+        [],
+    ],
+)
+def test_bad_gc_options_are_refused(options: list[str]) -> None:
+    with pytest.raises(RefusedError):
+        decide(["nixfarm", "gc", *options], "admin")
 
 
 # validate_invocation

@@ -25,7 +25,7 @@ from .errors import NixfarmError, UsageError
 # name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +46,15 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
         print(f"nixfarm {version()}")
         parser.exit()
+
+
+def _size(text: str) -> int:
+    from .nixconf import parse_size
+
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _interval(text: str) -> float:
@@ -214,54 +223,82 @@ def run_stream(config: AgentConfig, interval: float, count: int | None = None) -
         collector.close()
 
 
-def run_agent(config: AgentConfig, interval: float) -> int:
-    """`nixfarm agent`: READY=1 once a snapshot works, then watchdog pings and a status line."""
-    from . import logs
-    from .metrics import Collector
-    from .notify import notify, watchdog_interval
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
-    log = logs.setup("nixfarm.agent", "nixfarm-agent")
-    stopping = False
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+def run_gc(config: AgentConfig, action: str, as_json: bool, target_free: int | None) -> int:
+    """`nixfarm gc`: --status from the state files; --now and --dry-run through the agent."""
+    from . import control
+    from .gc import read_history
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    collector = Collector(config)
-    watchdog = watchdog_interval()
-    tick = min(interval, watchdog or interval)
-    next_check = 0.0
-    ready = False
-    last_status = ""
-    try:
-        while not stopping:
-            now = time.monotonic()
-            if now >= next_check:
-                snap = collector.snapshot()
-                for warning in collector.take_warnings():
-                    log.warning("%s", warning)
-                status = (
-                    f"store {snap['store']['free_bytes'] / 2**30:.1f} GiB free, "
-                    f"{snap['builds']['active']} builds running"
+    if action == "status":
+        from .metrics import read_gc_state
+
+        state = read_gc_state(config.state_dir)
+        history = read_history(os.path.join(config.state_dir, "gc-history.jsonl"))[-10:]
+        if as_json:
+            print(json.dumps({"state": state, "history": history}, sort_keys=True))
+        else:
+            print(f"GC running: {'yes' if state['running'] else 'no'}")
+            if not history:
+                print("no GC pass has run yet")
+            for run in history:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.get("last_run") or 0))
+                outcome = (
+                    f"error: {run['error']}"
+                    if run.get("error")
+                    else (
+                        f"deleted {run.get('deleted')} paths, freed {_mib(run.get('bytes_freed'))}"
+                    )
                 )
-                if status != last_status:
-                    notify(f"STATUS={status}")
-                    last_status = status
-                if not ready:
-                    notify("READY=1")
-                    log.info("ready: %s", status)
-                    ready = True
-                next_check = now + interval
-            if watchdog:
-                notify("WATCHDOG=1")
-            time.sleep(tick)
-    finally:
-        collector.close()
-    notify("STOPPING=1")
-    log.info("stopping")
-    return 0
+                print(
+                    f"{when}  {run.get('reason', '?'):14} {outcome}, "
+                    f"free {_mib(run.get('free_before'))} -> {_mib(run.get('free_after'))} "
+                    f"in {run.get('duration_seconds')} s"
+                )
+        return 0
+
+    def show(event: dict[str, Any]) -> None:
+        if event.get("event") == "progress" and not as_json:
+            freed, free = _mib(event["bytes_freed"]), _mib(event["free_bytes"])
+            print(f"deleted {event['deleted']} paths, freed {freed} ({free} free)", file=sys.stderr)
+
+    request = {"command": "gc-now" if action == "now" else "dry-run", "target_free": target_free}
+    final = control.request(control.socket_path(config.state_dir), request, show)
+    if as_json:
+        print(json.dumps(final, sort_keys=True))
+    elif final["event"] == "busy":
+        print("a GC pass is already running; not starting another (see nixfarm gc --status)")
+    elif final["event"] == "error":
+        raise NixfarmError(f"the agent refused: {final.get('message')}")
+    elif action == "now":
+        r = final["result"]
+        if r["error"]:
+            raise NixfarmError(f"GC pass failed: {r['error']}")
+        before, after = _mib(r["free_before"]), _mib(r["free_after"])
+        print(
+            f"deleted {r['deleted']} paths, freed {_mib(r['bytes_freed'])} "
+            f"in {r['duration_seconds']} s; free {before} -> {after}"
+        )
+    else:
+        _print_plan(final["result"])
+    return 1 if final["event"] == "error" else 0
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    plan = result["plan"]
+    total = sum(p["size_bytes"] for p in plan)
+    print(
+        f"{result['dead_paths']} dead paths ({_mib(result['dead_bytes'])}); "
+        f"free {_mib(result['free_bytes'])}, target {_mib(result['target_free_bytes'])}"
+    )
+    if not plan:
+        print("nothing would be deleted")
+        return
+    print(f"would delete {len(plan)} paths ({_mib(total)}), in this order:")
+    for i, p in enumerate(plan, 1):
+        print(f"{i:5}. {p['path']}  {_mib(p['size_bytes'])}  {p['reason']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return gateway.run(args.client, args.role, config)
         if args.command == "agent":
+            from .agent import run_agent
+
             return run_agent(config, args.interval)
+        if args.command == "gc":
+            return run_gc(config, args.action, args.json, args.target_free)
         raise UsageError(f"unknown command {args.command}")
     except NixfarmError as e:
         print(f"nixfarm: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 TYPE_CHECKING = False  # see cli.py: the gateway path avoids importing typing
 if TYPE_CHECKING:
@@ -33,6 +33,11 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "gateway_log": str,
     "network_interfaces": list,
     "stream_max_seconds": (int, float),
+    "min_free": (int, str),
+    "max_free": (int, str),
+    "gc_check_interval": (int, float),
+    "usage_sample_interval": (int, float),
+    "control_group": str,
 }
 
 
@@ -56,6 +61,15 @@ class AgentConfig:
     network_interfaces: tuple[str, ...] = ()
     # Longest a remote `nixfarm stream` may run, a guard against forgotten sessions.
     stream_max_seconds: float = 7 * 24 * 3600.0
+    # GC limits: bytes, "16M", "10G" or "10%" of the store's filesystem; "" means
+    # nix.conf's min-free / max-free. A min-free of 0 turns the agent's GC off.
+    min_free: int | str = ""
+    max_free: int | str = ""
+    # Seconds between free-space checks (a statvfs: cheap) and usage samples.
+    gc_check_interval: float = 1.0
+    usage_sample_interval: float = 1.0
+    # Group allowed to use the agent's control socket (gc --now / --dry-run); "": root only.
+    control_group: str = ""
 
     def __init__(self, **values: object) -> None:
         for key in values:
@@ -96,9 +110,29 @@ def parse_config(data: Any, source: str) -> AgentConfig:
         if not all(isinstance(i, str) for i in ifaces):
             raise ConfigError(f"{source}: key 'network_interfaces' must be a list of strings")
         values["network_interfaces"] = tuple(ifaces)
-    if not 0 < values.get("stream_max_seconds", 1) < math.inf:
-        raise ConfigError(f"{source}: key 'stream_max_seconds' must be positive")
+    for key in ("min_free", "max_free"):
+        if isinstance(values.get(key), str) and values[key] != "":
+            _check_limit(values[key], f"{source}: key {key!r}")
+    for key in ("stream_max_seconds", "gc_check_interval", "usage_sample_interval"):
+        if not 0 < values.get(key, 1) < math.inf:
+            raise ConfigError(f"{source}: key {key!r} must be a positive number of seconds")
     return AgentConfig(**values)
+
+
+def _check_limit(text: str, where: str) -> None:
+    """A size ("16M") or a percentage ("10%"); the bytes a percentage means come later."""
+    from .nixconf import parse_size
+
+    try:
+        if text.strip().endswith("%"):
+            if not 0 <= float(text.strip()[:-1]) <= 100:
+                raise ValueError
+        else:
+            parse_size(text)
+    except (ValueError, UsageError):
+        raise ConfigError(
+            f"{where}: {text!r} is not a size or percentage (e.g. 16M, 10G, 10%)"
+        ) from None
 
 
 def _reject_constant(name: str) -> None:

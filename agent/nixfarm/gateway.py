@@ -12,7 +12,8 @@ Roles:
   metrics  `nixfarm metrics [--json|--prometheus]`, `nixfarm stream [--interval S]`
   build    metrics, plus `nix-daemon --stdio` (ssh-ng://) and
            `nix-store --serve [--write]` (ssh://)
-  admin    build, plus store GC control (added with the GC)
+  admin    build, plus `nixfarm gc --dry-run|--now [--json] [--target-free SIZE]`
+  (every role may read `nixfarm gc --status [--json]`)
 """
 
 from __future__ import annotations
@@ -46,18 +47,33 @@ STREAM_INTERVAL_RANGE = (0.2, 3600.0)
 class Decision:
     """What the gateway will do: exec a Nix program, or run a nixfarm command."""
 
-    __slots__ = ("action", "argv", "interval", "output_format")
+    __slots__ = ("action", "argv", "gc_action", "interval", "output_format", "target_free")
 
     def __init__(
-        self, action: str, argv: tuple[str, ...], output_format: str = "json", interval: float = 5.0
+        self,
+        action: str,
+        argv: tuple[str, ...],
+        output_format: str = "json",
+        interval: float = 5.0,
+        gc_action: str = "",
+        target_free: int | None = None,
     ) -> None:
-        self.action = action  # "exec" | "metrics" | "stream"
+        self.action = action  # "exec" | "metrics" | "stream" | "gc"
         self.argv = argv
-        self.output_format = output_format  # metrics: json | prometheus
+        self.output_format = output_format  # metrics: json | prometheus; gc: json | text
         self.interval = interval  # stream
+        self.gc_action = gc_action  # gc: status | dry-run | now
+        self.target_free = target_free  # gc: bytes, or None for max-free
 
-    def _key(self) -> tuple[str, tuple[str, ...], str, float]:
-        return (self.action, self.argv, self.output_format, self.interval)
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.action,
+            self.argv,
+            self.output_format,
+            self.interval,
+            self.gc_action,
+            self.target_free,
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Decision) and self._key() == other._key()
@@ -120,6 +136,8 @@ def decide(argv: list[str], role: str) -> Decision:
         return Decision("metrics", tuple(argv), output_format=formats[tuple(options)])
     if sub == "stream":
         return Decision("stream", tuple(argv), interval=_stream_interval(options))
+    if sub == "gc":
+        return _gc_decision(argv, options, grants, role)
     raise RefusedError(f"nixfarm {sub} is not allowed (allowed: {allowed_summary(role)})")
 
 
@@ -137,12 +155,42 @@ def _stream_interval(options: list[str]) -> float:
     raise RefusedError(f"nixfarm stream takes only --interval SECONDS ({low} to {high})")
 
 
+def _gc_decision(argv: list[str], options: list[str], grants: set[str], role: str) -> Decision:
+    """`nixfarm gc --status|--dry-run|--now [--json] [--target-free SIZE]`; status is read-only."""
+    from .nixconf import parse_size
+
+    usage = (
+        "nixfarm gc takes one of --status, --dry-run, --now, "
+        "and optionally --json, --target-free SIZE"
+    )
+    actions = [o for o in options if o in ("--status", "--dry-run", "--now")]
+    rest = [o for o in options if o not in actions and o != "--json"]
+    target = None
+    if len(rest) == 2 and rest[0] == "--target-free":
+        try:
+            target = parse_size(rest[1])
+        except UsageError:
+            raise RefusedError(f"--target-free {rest[1]!r} is not a size (e.g. 32M)") from None
+        rest = []
+    if len(actions) != 1 or rest or options.count("--json") > 1:
+        raise RefusedError(usage)
+    action = actions[0].removeprefix("--")
+    if action != "status" and "admin" not in grants:
+        raise RefusedError(
+            f"'nixfarm gc --{action}' needs the admin role; this key has the {role} role"
+        )
+    fmt = "json" if "--json" in options else "text"
+    return Decision("gc", tuple(argv), output_format=fmt, gc_action=action, target_free=target)
+
+
 def allowed_summary(role: str) -> str:
     """The commands a role may run, for refusal messages."""
     grants = _ROLE_GRANTS[role]
-    allowed = ["nixfarm metrics", "nixfarm stream"]
+    allowed = ["nixfarm metrics", "nixfarm stream", "nixfarm gc --status"]
     if "build" in grants:
         allowed += [" ".join(c) for c in _NIX_COMMANDS]
+    if "admin" in grants:
+        allowed += ["nixfarm gc --dry-run", "nixfarm gc --now"]
     return ", ".join(allowed)
 
 
@@ -261,4 +309,8 @@ def run(client: str, role: str, config: AgentConfig) -> int:
 
     if decision.action == "metrics":
         return cli.print_metrics(config, decision.output_format)
+    if decision.action == "gc":
+        return cli.run_gc(
+            config, decision.gc_action, decision.output_format == "json", decision.target_free
+        )
     return cli.run_stream(config, decision.interval)

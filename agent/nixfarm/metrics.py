@@ -193,7 +193,7 @@ class Collector:
         self.config = config
         self.warnings: list[str] = []
         self._warned: set[str] = set()
-        self._build_uids = build_user_uids(config.build_users_group)
+        self.build_uids = build_user_uids(config.build_users_group)
         self._memory = cgroups.DaemonMemoryReader(config.nix_daemon_unit)
         try:
             self._network: NetworkCounters | None = NetworkCounters(config.network_interfaces)
@@ -225,7 +225,7 @@ class Collector:
             "memory": read_meminfo(),
             "store": store,
             "nix_daemon_memory": memory,
-            "builds": {"active": count_active_builds(self._build_uids)},
+            "builds": {"active": count_active_builds(self.build_uids)},
             "nix_config": {
                 "max_jobs": nix.max_jobs,
                 "cores": nix.cores,
