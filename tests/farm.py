@@ -95,9 +95,7 @@ class Builder:
     init_pid: int = 0  # PID of its init, as the host sees it
     cgroup: str = ""  # absolute cgroup directory, if a memory cgroup was made
     clients: dict[str, str] = field(default_factory=dict)  # client -> role
-    agents: dict[int, subprocess.Popen[bytes]] = field(
-        default_factory=dict
-    )  # agent PID -> its nsenter
+    agents: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # agent PID -> its nsenter
 
     @property
     def netns(self) -> str:
@@ -143,14 +141,10 @@ class Builder:
             idx = ipr.link_lookup(ifname=self.host_veth)[0]
             ipr.link("set", index=idx, state="up" if up else "down")
 
-    def machines_line(
-        self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1
-    ) -> str:
+    def machines_line(self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1) -> str:
         """A Nix machines-file line for this builder."""
         system = (
-            run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"])
-            .stdout.strip()
-            .strip('"')
+            run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
         )
         uri = f"{protocol}://{BUILDER_USER}@{self.address}"
         return f"{uri} {system} {key} {max_jobs} {speed} - - {self.host_key_b64}"
@@ -266,9 +260,7 @@ class Farm:
         index = len(self.builders) + 1
         if index > 200:
             raise FarmError("at most 200 builders per farm")
-        b = Builder(
-            name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients)
-        )
+        b = Builder(name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients))
         self.builders[name] = b
         b.root.mkdir(parents=True, mode=0o755)
         self._make_network(b)
@@ -309,9 +301,7 @@ class Farm:
         lines = []
         for client, role in b.clients.items():
             pub = self.client_keys[client].with_suffix(".pub").read_text().strip()
-            lines.append(
-                f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n'
-            )
+            lines.append(f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n')
         (keys_dir / BUILDER_USER).write_text("".join(lines))
         state = b.root / "state"
         state.mkdir(mode=0o755)
@@ -467,6 +457,33 @@ class Farm:
             raise FarmError(f"expected one child of unshare {pid}, found {children}")
         return int(children[0])
 
+    def write_inventory(self, client: str, builders: list[Builder], max_jobs: int = 2) -> Path:
+        """The client inventory `nixfarm dispatch` reads (as the NixOS client module writes it)."""
+        system = run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
+        inventory = {
+            "client": {"name": client, "key_file": str(self.client_keys[client])},
+            "builders": [
+                {
+                    "name": b.name,
+                    "host_name": b.address,
+                    "address": b.address,
+                    "port": 22,
+                    "protocol": "ssh-ng",
+                    "ssh_user": BUILDER_USER,
+                    "systems": [system],
+                    "features": [],
+                    "mandatory_features": [],
+                    "host_key": b.host_key,
+                    "max_jobs": max_jobs,
+                    "speed_factor": 1,
+                }
+                for b in builders
+            ],
+        }
+        path = self.root / "clients" / client / "inventory.json"
+        path.write_text(json.dumps(inventory, indent=2))
+        return path
+
     def start_agent(self, b: Builder, *args: str) -> int:
         """Start `nixfarm agent` in the builder as root; returns its PID (host view)."""
         log = (b.root / "agent.log").open("ab")
@@ -561,9 +578,7 @@ def leftovers(farm_id: str) -> list[str]:
                 found.append(f"link {name}")
     for base in (f"{CGROUP_ROOT}/memory", CGROUP_ROOT):
         if os.path.isdir(base):
-            found += [
-                f"cgroup {base}/{d}" for d in os.listdir(base) if d.startswith(f"{PREFIX}{farm_id}")
-            ]
+            found += [f"cgroup {base}/{d}" for d in os.listdir(base) if d.startswith(f"{PREFIX}{farm_id}")]
     marker = f"nixfarm-test-{farm_id}"
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -38,9 +38,7 @@ class _Parser(argparse.ArgumentParser):
 class _VersionAction(argparse.Action):
     """--version, looking the version up only when asked (see nixfarm.version)."""
 
-    def __init__(
-        self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: object
-    ) -> None:
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: object) -> None:
         super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
@@ -92,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one metrics snapshot of this builder (README: 'The metrics snapshot').",
     )
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument(
-        "--json", dest="format", action="store_const", const="json", help="JSON (the default)"
-    )
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="JSON (the default)")
     fmt.add_argument(
         "--prometheus",
         dest="format",
@@ -125,6 +121,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--client", required=True, help="the client this key belongs to (for logs)")
     p.add_argument("--role", required=True, help="build, metrics or admin")
+
+    p = sub.add_parser(
+        "dispatch",
+        help="the client service: keep Nix's machines file true to the builders' load",
+        allow_abbrev=False,
+        description="Follow every builder of the inventory over SSH (nixfarm stream through the gateway) "
+        "and keep MACHINES, the file Nix's build hook reads (nix.conf: builders = @MACHINES), listing "
+        "the usable builders with maxJobs and speedFactor from their real load. See README 'The dispatcher'.",
+    )
+    p.add_argument("--inventory", required=True, metavar="FILE", help="the farm inventory (JSON)")
+    p.add_argument("--machines", required=True, metavar="PATH", help="the machines file to keep")
+    p.add_argument("--interval", type=_interval, default=2.0, metavar="S", help="stream interval (default 2)")
+    p.add_argument(
+        "--keepalive",
+        type=_interval,
+        default=5.0,
+        metavar="S",
+        help="SSH keepalive interval; 3 missed answers drop a builder (default 5)",
+    )
+    p.add_argument(
+        "--backoff-base",
+        type=_interval,
+        default=60.0,
+        metavar="S",
+        help="first retry delay after a failure; then x3 each time (default 60)",
+    )
+    p.add_argument(
+        "--backoff-max",
+        type=_interval,
+        default=1800.0,
+        metavar="S",
+        help="longest retry delay (default 1800)",
+    )
+
+    p = sub.add_parser(
+        "status",
+        help="the builders as the dispatcher sees them",
+        allow_abbrev=False,
+        description="Show each builder's state, reason, jobs, load, pressure, free disk, GC state, "
+        "when it was last seen and the line Nix currently sees for it.",
+    )
+    p.add_argument(
+        "--machines",
+        default=None,
+        metavar="PATH",
+        help="the dispatcher's machines file (default /var/lib/nixfarm-client/machines)",
+    )
+    p.add_argument("--json", action="store_true", help="the dispatcher's full status as JSON")
+    p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
 
     p = sub.add_parser(
         "agent",
@@ -248,9 +293,7 @@ def run_gc(config: AgentConfig, action: str, as_json: bool, target_free: int | N
                 outcome = (
                     f"error: {run['error']}"
                     if run.get("error")
-                    else (
-                        f"deleted {run.get('deleted')} paths, freed {_mib(run.get('bytes_freed'))}"
-                    )
+                    else (f"deleted {run.get('deleted')} paths, freed {_mib(run.get('bytes_freed'))}")
                 )
                 print(
                     f"{when}  {run.get('reason', '?'):14} {outcome}, "
@@ -301,10 +344,34 @@ def _print_plan(result: dict[str, Any]) -> None:
         print(f"{i:5}. {p['path']}  {_mib(p['size_bytes'])}  {p['reason']}")
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    from .dispatch import Settings, run_dispatch
+    from .inventory import load_inventory
+    from .status import status_path
+
+    inventory = load_inventory(args.inventory)
+    settings = Settings(
+        interval=args.interval,
+        keepalive=args.keepalive,
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+    )
+    machines_dir = os.path.dirname(os.path.abspath(args.machines))
+    if not os.access(machines_dir, os.W_OK):
+        raise UsageError(f"--machines {args.machines}: cannot write in {machines_dir}")
+    return run_dispatch(inventory, args.machines, settings, status_path(args.machines))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand, turning expected failures into exit codes."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "dispatch":
+            return _dispatch(args)
+        if args.command == "status":
+            from .status import DEFAULT_MACHINES, run_status
+
+            return run_status(args.machines or DEFAULT_MACHINES, args.json, args.watch)
         config = load_config(args.config)
         if args.command == "metrics":
             return print_metrics(config, args.format)

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from . import store
+from .atomic import write_atomic
 from .config import AgentConfig
 from .errors import UsageError
 from .nixconf import load_nix_settings, parse_size
-from .usage import UsageRecords, write_atomic
+from .usage import UsageRecords
 
 BATCH = 100  # paths per nix-store --delete: bounded argv, progress between batches
 HISTORY_KEEP = 50
@@ -52,9 +53,7 @@ class Limits:
 
     def __init__(self, min_free: int, max_free: int, total_bytes: int, total_inodes: int) -> None:
         if max_free < min_free:
-            raise UsageError(
-                f"max_free ({max_free} bytes) must not be below min_free ({min_free} bytes)"
-            )
+            raise UsageError(f"max_free ({max_free} bytes) must not be below min_free ({min_free} bytes)")
         self.min_free = min_free
         self.max_free = max_free
         fraction = total_inodes / total_bytes if total_bytes else 0
@@ -73,9 +72,7 @@ def resolve_limits(config: AgentConfig, fs: dict[str, int]) -> Limits | None:
     nix = load_nix_settings(config.nix_conf_dir)
     total = fs["total_bytes"]
     min_free = (
-        parse_limit(config.min_free, total, "min_free")
-        if config.min_free != ""
-        else nix.min_free_bytes
+        parse_limit(config.min_free, total, "min_free") if config.min_free != "" else nix.min_free_bytes
     )
     if config.max_free != "":
         max_free = parse_limit(config.max_free, total, "max_free")
@@ -222,9 +219,7 @@ class GcResult:
             "reason": self.reason,
             "started": self.started,
             "last_run": self.finished,
-            "duration_seconds": None
-            if self.finished is None
-            else round(self.finished - self.started, 3),
+            "duration_seconds": None if self.finished is None else round(self.finished - self.started, 3),
             "deleted": self.deleted,
             "bytes_freed": self.bytes_freed,
             "free_before": self.free_before,
@@ -248,11 +243,7 @@ class GarbageCollector:
         """The plan a pass would carry out now, without deleting anything."""
         fs = filesystem(self.config.store_dir)
         limits = resolve_limits(self.config, fs)
-        target = (
-            target_free
-            if target_free is not None
-            else (limits.max_free if limits else fs["free_bytes"])
-        )
+        target = target_free if target_free is not None else (limits.max_free if limits else fs["free_bytes"])
         need = max(0, target - fs["free_bytes"])
         infos = store.path_infos(store.dead_paths())
         planned = plan(infos, self.usage.last_used, need) if need else []
@@ -292,9 +283,7 @@ class GarbageCollector:
         result.free_before = result.free_after = fs["free_bytes"]
         limits = resolve_limits(self.config, fs)
         target = (
-            target_free
-            if target_free is not None
-            else (limits.max_free if limits else fs["total_bytes"])
+            target_free if target_free is not None else (limits.max_free if limits else fs["total_bytes"])
         )
         if fs["free_bytes"] >= target and (limits is None or limits.satisfied(fs)):
             return

@@ -129,6 +129,56 @@ def count_active_builds(build_uids: frozenset[int], proc: str = "/proc") -> int:
     return len(active)
 
 
+SESSION_PROGRAMS = ("nix-daemon", "nix-store")
+CLIENT_VAR = b"NIXFARM_CLIENT="
+
+
+def sessions_by_client(proc: str = "/proc") -> dict[str, int]:
+    """Open build sessions (Nix protocol connections) per client, as the gateway tagged them.
+
+    The gateway execs nix-daemon --stdio / nix-store --serve with NIXFARM_CLIENT
+    in the environment; Nix's build hook holds one such session per remote
+    build. We can read the environment of our own processes (the gateway runs
+    as the builder user) or of all of them as root.
+    """
+    me = os.geteuid()
+    counts: dict[str, int] = {}
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                if me != 0 and entry.stat(follow_symlinks=False).st_uid != me:
+                    continue
+                with open(f"{proc}/{entry.name}/comm", "rb") as f:
+                    if f.read().strip().decode(errors="replace") not in SESSION_PROGRAMS:
+                        continue
+                with open(f"{proc}/{entry.name}/environ", "rb") as f:
+                    environ = f.read(1 << 20)
+            except OSError:
+                continue
+            for var in environ.split(b"\0"):
+                if var.startswith(CLIENT_VAR):
+                    client = var[len(CLIENT_VAR) :].decode(errors="replace")
+                    counts[client] = counts.get(client, 0) + 1
+    return counts
+
+
+def gc_limits(config: AgentConfig, store: dict[str, Any]) -> dict[str, int | None]:
+    """The min-free and max-free the agent keeps (bytes); None where its GC is off."""
+    from .errors import UsageError
+    from .gc import resolve_limits
+
+    try:
+        limits = resolve_limits(config, store)
+    except UsageError:
+        limits = None
+    return {
+        "min_free_bytes": limits.min_free if limits else None,
+        "max_free_bytes": limits.max_free if limits else None,
+    }
+
+
 def read_gc_state(state_dir: str) -> dict[str, Any]:
     """The store GC's last known state, as the agent left it in its state file."""
     state: dict[str, Any] = {
@@ -225,7 +275,10 @@ class Collector:
             "memory": read_meminfo(),
             "store": store,
             "nix_daemon_memory": memory,
-            "builds": {"active": count_active_builds(self.build_uids)},
+            "builds": {
+                "active": count_active_builds(self.build_uids),
+                "sessions_by_client": sessions_by_client(),
+            },
             "nix_config": {
                 "max_jobs": nix.max_jobs,
                 "cores": nix.cores,
@@ -233,7 +286,7 @@ class Collector:
                 "max_free_bytes": nix.max_free_bytes,
             },
             "network": self._network.read() if self._network else None,
-            "gc": read_gc_state(self.config.state_dir),
+            "gc": {**read_gc_state(self.config.state_dir), **gc_limits(self.config, store)},
         }
 
     def take_warnings(self) -> list[str]:

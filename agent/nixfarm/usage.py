@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
 
 from . import store
+from .atomic import write_atomic
 
 # Nix's base-32 alphabet (no e, o, u, t) and the characters store names may have.
 STORE_PATH = re.compile(rb"/nix/store/([0-9a-df-np-sv-z]{32}-[A-Za-z0-9+\-._?=]+)")
@@ -145,19 +145,3 @@ class UsageRecords:
                 if self.last_used.pop(name, None) is not None:
                     self.dirty = True
                 self._closures.pop(name, None)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace `path` with `data`: a reader sees the old file or the new one, never half."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -1,0 +1,360 @@
+"""`nixfarm dispatch`: keep Nix's machines file true to every builder's real load.
+
+One long-lived SSH session per builder runs `nixfarm stream` through the
+gateway, with the client's key and the builder's pinned host key (strict
+checking, as nix-daemon does). From each stream the dispatcher keeps a state:
+
+  healthy   fresh snapshots: listed with maxJobs and speedFactor from the load
+  degraded  reachable, but its metrics cannot be trusted (garbage, a wrong
+            schema, a stalled stream): listed with the inventory's static
+            values, as stock Nix would list it
+  down      unreachable, or its store is below min-free and not recovering:
+            left out of the file
+
+Failures are retried with exponential backoff and jitter (Hydra-style). The
+machines file is rewritten only when its content changes, atomically, and is
+always a file Nix accepts. README.md ("The dispatcher") explains the formula.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import asyncssh
+
+from .atomic import write_atomic
+from .inventory import Builder, Inventory
+
+SCHEMA = 1
+MAX_LINE = 1 << 20  # a snapshot is ~1.5 KiB; a megabyte is hostile
+STATUS_NAME = "dispatch-status.json"
+
+log = logging.getLogger("nixfarm.dispatch")
+
+
+class Settings:
+    """Timing of the dispatcher (seconds), from its command line."""
+
+    def __init__(
+        self,
+        interval: float = 2.0,
+        keepalive: float = 5.0,
+        keepalive_count: int = 3,
+        backoff_base: float = 60.0,
+        backoff_factor: float = 3.0,
+        backoff_max: float = 1800.0,
+        disk_grace: float | None = None,
+    ) -> None:
+        self.interval = interval
+        self.keepalive = keepalive
+        self.keepalive_count = keepalive_count
+        self.backoff_base = backoff_base
+        self.backoff_factor = backoff_factor
+        self.backoff_max = backoff_max
+        # How long a store may stay below min-free before the builder leaves the file.
+        self.disk_grace = 3 * interval if disk_grace is None else disk_grace
+
+    @property
+    def stall_timeout(self) -> float:
+        """No snapshot for this long: the stream is stalled (or the link is gone)."""
+        return 2 * self.interval
+
+    def backoff(self, failures: int) -> float:
+        """Delay before attempt number `failures + 1`, with +-20% jitter."""
+        delay = min(self.backoff_base * self.backoff_factor ** max(0, failures - 1), self.backoff_max)
+        return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+
+
+class BadSnapshot(Exception):
+    """The stream sent something that is not a snapshot we can use."""
+
+
+def validate(line: bytes) -> dict[str, Any]:
+    """A decoded, checked snapshot, or BadSnapshot saying what is wrong with it."""
+    try:
+        snap = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadSnapshot(f"not JSON ({e.msg} at byte {e.pos})") from None
+    except UnicodeDecodeError:
+        raise BadSnapshot("not UTF-8 text") from None
+    if not isinstance(snap, dict):
+        raise BadSnapshot("not a JSON object")
+    if snap.get("schema") != SCHEMA:
+        raise BadSnapshot(f"schema version {snap.get('schema')!r}, this dispatcher reads {SCHEMA}")
+    try:
+        checks = [
+            snap["nix_config"]["max_jobs"],
+            snap["builds"]["active"],
+            snap["store"]["free_bytes"],
+            snap["store"]["total_bytes"],
+        ]
+        sessions = snap["builds"].get("sessions_by_client", {})
+    except (KeyError, TypeError) as e:
+        raise BadSnapshot(f"missing field {e}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in checks):
+        raise BadSnapshot("max_jobs, active builds and store sizes must be non-negative integers")
+    if not isinstance(sessions, dict) or not all(isinstance(v, int) for v in sessions.values()):
+        raise BadSnapshot("builds.sessions_by_client must map client names to counts")
+    return snap
+
+
+def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
+    """(maxJobs, speedFactor) this client writes for a healthy builder.
+
+    capacity = the builder's max-jobs; free = capacity - builds running there
+    from all clients. The free slots are shared among the clients that hold
+    build sessions there now (plus this one); this client may run what it runs
+    already plus its share. If the share rounds to zero but slots are free,
+    each competitor may take one: at most (competitors - 1) builds too many,
+    seen and corrected at the next snapshot, one interval later.
+    speedFactor (which free builder Nix prefers) grows with the free fraction
+    and shrinks with CPU pressure.
+    """
+    capacity = snap["nix_config"]["max_jobs"]
+    sessions = snap["builds"].get("sessions_by_client", {})
+    mine = sessions.get(me, 0)
+    free = max(0, capacity - snap["builds"]["active"])
+    competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
+    share = free // competitors or (1 if free else 0)
+    max_jobs = min(capacity, mine + share)
+    psi = ((snap.get("psi") or {}).get("cpu_some_avg10") or 0.0) / 100
+    speed = 1 + round(99 * (free / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
+    return max_jobs, speed
+
+
+def min_free_of(snap: dict[str, Any]) -> int:
+    """The free space below which a builder is in trouble (its GC's or Nix's min-free)."""
+    gc = snap.get("gc") or {}
+    for value in (gc.get("min_free_bytes"), snap["nix_config"].get("min_free_bytes")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return snap["store"]["total_bytes"] // 100  # no min-free anywhere: 1% of the store
+
+
+class BuilderState:
+    """What the dispatcher knows of one builder."""
+
+    def __init__(self, builder: Builder) -> None:
+        self.builder = builder
+        self.state = "down"
+        self.reason = "not connected yet"
+        self.snapshot: dict[str, Any] | None = None
+        self.last_seen: float | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.low_disk_since: float | None = None
+
+    def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
+        self.snapshot, self.last_seen, self.failures = snap, now, 0
+        free, floor = snap["store"]["free_bytes"], min_free_of(snap)
+        if free >= floor:
+            self.low_disk_since = None
+            self.state, self.reason = "healthy", ""
+            return
+        self.low_disk_since = self.low_disk_since or now
+        if now - self.low_disk_since >= grace:
+            self.state = "down"
+            below = now - self.low_disk_since
+            self.reason = (
+                f"disk critical: {free >> 20} MiB free, below min-free {floor >> 20} MiB for {below:.0f} s"
+            )
+        else:
+            self.state, self.reason = "healthy", f"low disk: {free >> 20} MiB free, GC should catch up"
+
+    def failed(self, state: str, reason: str, settings: Settings) -> float:
+        """Record a failure; returns seconds until the next attempt."""
+        self.failures += 1
+        delay = settings.backoff(self.failures)
+        self.state, self.reason = state, reason
+        self.retry_at = time.monotonic() + delay
+        return delay
+
+    def machines_line(self, inventory: Inventory) -> str | None:
+        """The line Nix sees for this builder now, or None when it is left out."""
+        b = self.builder
+        if self.state == "down":
+            return None
+        if self.state == "degraded" or self.snapshot is None:
+            return b.machines_line(inventory.key_file, b.max_jobs, b.speed_factor)
+        max_jobs, speed = claim(self.snapshot, inventory.client_name)
+        return b.machines_line(inventory.key_file, max_jobs, speed)
+
+    def status(self, inventory: Inventory) -> dict[str, Any]:
+        snap = self.snapshot or {}
+        return {
+            "name": self.builder.name,
+            "state": self.state,
+            "reason": self.reason,
+            "last_seen": self.last_seen,
+            "failures": self.failures,
+            "line": self.machines_line(inventory),
+            "snapshot": snap,
+        }
+
+
+class Dispatcher:
+    """Runs one follower task per builder and rewrites the machines file."""
+
+    def __init__(
+        self, inventory: Inventory, machines_path: str, settings: Settings, status_path: str
+    ) -> None:
+        self.inventory = inventory
+        self.machines_path = machines_path
+        self.status_path = status_path
+        self.settings = settings
+        self.states = {b.name: BuilderState(b) for b in inventory.builders}
+        self._written: str | None = None
+        self._usable: tuple[str, ...] | None = None
+        self._changed = asyncio.Event()
+
+    def machines_content(self) -> str:
+        lines = [line for s in self.states.values() if (line := s.machines_line(self.inventory))]
+        header = f"# written by nixfarm dispatch: {len(lines)} of {len(self.states)} builders usable\n"
+        return header + "".join(line + "\n" for line in lines)
+
+    def publish(self) -> None:
+        """Rewrite the machines file if its content changed; always refresh the status."""
+        content = self.machines_content()
+        if content != self._written:
+            write_atomic(self.machines_path, content.encode())
+            self._written = content
+            self._log_usable()
+        status = {
+            "client": self.inventory.client_name,
+            "machines_file": self.machines_path,
+            "updated": time.time(),
+            "interval": self.settings.interval,
+            "builders": [s.status(self.inventory) for s in self.states.values()],
+        }
+        write_atomic(self.status_path, json.dumps(status).encode())
+
+    def _log_usable(self) -> None:
+        """Log when the set of usable builders changes (not on every load change)."""
+        usable = tuple(name for name, s in self.states.items() if s.state != "down")
+        if usable == self._usable:
+            return
+        self._usable = usable
+        if not usable:
+            log.warning(
+                "no builder is usable: the machines file lists none, so Nix builds locally "
+                "where max-jobs allows, and otherwise fails with 'unable to start any build'"
+            )
+        else:
+            log.info("usable builders: %s (%d of %d)", ", ".join(usable), len(usable), len(self.states))
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Follow every builder until cancelled."""
+        self.publish()
+        tasks = [asyncio.create_task(self.follow(s)) for s in self.states.values()]
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                self.publish()
+                await asyncio.sleep(0.05)  # coalesce bursts of updates into one write
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def follow(self, state: BuilderState) -> None:
+        """Keep one stream to `state.builder` going, forever, with backoff on failure."""
+        while True:
+            delay = state.retry_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                await self._stream(state)
+                reason = "stream ended"
+                outcome = "down"
+            except BadSnapshot as e:
+                reason, outcome = f"bad metrics: {e}", "degraded"
+            except (TimeoutError, OSError, asyncssh.Error) as e:
+                reason, outcome = f"unreachable: {_describe(e)}", "down"
+            delay = state.failed(outcome, reason, self.settings)
+            log.warning("%s is %s (%s); next attempt in %.0f s", state.builder.name, outcome, reason, delay)
+            self.changed()
+
+    async def _stream(self, state: BuilderState) -> None:
+        b = self.builder_connection(state.builder)
+        async with asyncssh.connect(**b) as conn:
+            proc = await conn.create_process(
+                f"nixfarm stream --interval {self.settings.interval:g}", encoding=None
+            )
+            buffer = b""
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(proc.stdout.read(65536), self.settings.stall_timeout)
+                except TimeoutError:
+                    # The connection may be fine (keepalives will tell): distrust the numbers for now.
+                    if state.state != "degraded":
+                        state.state = "degraded"
+                        state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
+                        self.changed()
+                    continue
+                if not chunk:
+                    err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+                    raise OSError(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                if len(buffer) > MAX_LINE:
+                    raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
+                for line in lines:
+                    state.healthy(validate(line), time.time(), self.settings.disk_grace)
+                    self.changed()
+
+    def builder_connection(self, b: Builder) -> dict[str, Any]:
+        """asyncssh.connect() arguments: the client key, the pinned host key, keepalives."""
+        return {
+            "host": b.address,
+            "port": b.port,
+            "username": b.ssh_user,
+            "client_keys": [self.inventory.key_file],
+            # Only this builder's host key is trusted for it, whatever the host name.
+            "known_hosts": ([asyncssh.import_public_key(b.host_key)], [], []),
+            "agent_path": None,
+            "config": None,
+            "keepalive_interval": self.settings.keepalive,
+            "keepalive_count_max": self.settings.keepalive_count,
+            "connect_timeout": max(5.0, self.settings.keepalive * self.settings.keepalive_count),
+        }
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno).lower()  # "connection refused", "no route to host"
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def run_dispatch(inventory: Inventory, machines_path: str, settings: Settings, status_path: str) -> int:
+    """Entry point of `nixfarm dispatch`: runs until SIGTERM or SIGINT."""
+    from . import logs
+
+    logs.setup("nixfarm.dispatch", "nixfarm-dispatch")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every connection at INFO
+    dispatcher = Dispatcher(inventory, machines_path, settings, status_path)
+
+    async def main() -> None:
+        task = asyncio.create_task(dispatcher.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    return 0

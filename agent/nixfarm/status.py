@@ -1,0 +1,111 @@
+"""`nixfarm status`: the builders as the dispatcher sees them, and the line Nix sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .errors import EnvironmentProblem
+
+DEFAULT_MACHINES = "/var/lib/nixfarm-client/machines"
+
+
+def status_path(machines_path: str) -> str:
+    """Where the dispatcher writing `machines_path` keeps its status."""
+    from .dispatch import STATUS_NAME
+
+    return os.path.join(os.path.dirname(machines_path) or ".", STATUS_NAME)
+
+
+def read_status(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(16 << 20))
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"no dispatcher status at {path}: is nixfarm dispatch running? "
+            "(--machines names its machines file)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise EnvironmentProblem(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("builders"), list):
+        raise EnvironmentProblem(f"{path} is not a dispatcher status file")
+    return data
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "never" if t is None else f"{max(0.0, now - t):.0f} s ago"
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
+    """One row of strings per builder (the table and tests read these)."""
+    out = []
+    for b in status["builders"]:
+        snap = b.get("snapshot") or {}
+        builds = snap.get("builds") or {}
+        psi = snap.get("psi") or {}
+        gc = snap.get("gc") or {}
+        store = snap.get("store") or {}
+        cfg = snap.get("nix_config") or {}
+        load = snap.get("load") or {}
+        out.append({
+            "builder": b["name"],
+            "state": b["state"],
+            "reason": b.get("reason") or "",
+            "jobs": f"{builds.get('active', '-')}/{cfg.get('max_jobs', '-')}",
+            "load": f"{load['avg1']:.2f}" if "avg1" in load else "-",
+            "cpu psi": f"{psi['cpu_some_avg10']:.1f}%" if "cpu_some_avg10" in psi else "-",
+            "free disk": _gib(store.get("free_bytes")),
+            "gc": "running" if gc.get("running") else ("error" if gc.get("error") else "idle"),
+            "last seen": _ago(b.get("last_seen"), now),
+            "nix sees": b.get("line") or "(left out)",
+        })  # fmt: skip
+    return out
+
+
+def render(status: dict[str, Any], now: float) -> Any:
+    """A rich Table of the status."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    colours = {"healthy": "green", "degraded": "yellow", "down": "red"}
+    table = Table(title=f"nixfarm: builders of client {status.get('client', '?')} "
+                  f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
+    data = rows(status, now)
+    columns = ("builder", "state", "jobs", "load", "cpu psi", "free disk", "gc", "last seen", "reason")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in data:
+        colour = colours.get(row["state"], "white")
+        table.add_row(*[f"[{colour}]{row[c]}[/]" if c == "state" else row[c] for c in columns])
+    # The lines are long (key path, base64 host key): below the table, unfolded.
+    lines = Text(f"\nwhat Nix sees in {status.get('machines_file', '?')}:\n", style="bold")
+    for row in data:
+        lines.append(f"{row['builder']}: {row['nix sees']}\n", style="dim" if row["state"] == "down" else "")
+    return Group(table, lines)
+
+
+def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
+    """Print the status once, or redraw it every second with --watch."""
+    path = status_path(machines_path)
+    if as_json and not watch:
+        print(json.dumps(read_status(path), sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if not watch:
+        console.print(render(read_status(path), time.time()))
+        return 0
+    with Live(render(read_status(path), time.time()), console=console, refresh_per_second=2) as live:
+        while True:
+            time.sleep(1)
+            live.update(render(read_status(path), time.time()))
