@@ -249,10 +249,8 @@ def test_agent_and_gateway_log_to_the_journal_with_fields(systemd_host: SystemdH
             e
             for e in entries
             if e.get("_SYSTEMD_INVOCATION_ID") == invocation
-            # "in", not startswith: logs.setup() puts its file/stderr format
-            # ("<asctime> nixfarm-agent[PID]: ") on the journal handler too, so
-            # MESSAGE repeats what the journal records as fields.
-            and "ready: " in str(e.get("MESSAGE", ""))
+            # The bare message: time, identifier and PID are journal fields.
+            and str(e.get("MESSAGE", "")).startswith("ready: ")
         ]
 
     entry = wait_for("the agent's 'ready' line in the journal", ready_entries, 10)[0]
@@ -272,9 +270,7 @@ def test_agent_and_gateway_log_to_the_journal_with_fields(systemd_host: SystemdH
     assert "refused" in r.stderr and "uid=" not in r.stdout
 
     def refusals() -> list[dict[str, Any]]:
-        return host.journal_since(
-            cursor, SYSLOG_IDENTIFIER="nixfarm-gateway", NIXFARM_DECISION="refused"
-        )
+        return host.journal_since(cursor, SYSLOG_IDENTIFIER="nixfarm-gateway", NIXFARM_DECISION="refused")
 
     entry = wait_for("the gateway's refusal in the journal", refusals, 10)[0]
     assert entry["NIXFARM_CLIENT"] == "alice"

@@ -18,7 +18,7 @@ from typing import Any
 from . import control, logs
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
-from .metrics import Collector, count_active_builds
+from .metrics import Collector, count_active_builds, read_store_fs
 from .notify import notify, watchdog_interval
 from .usage import UsageRecords, paths_in_use
 
@@ -43,8 +43,9 @@ class Agent:
         self._worker: threading.Thread | None = None
         self._backoff = BACKOFF_FIRST
         self._retry_at = 0.0
-        # Fail at start, with the key named, rather than at the first full disk.
-        resolve_limits(config, filesystem(config.store_dir))
+        # Fail at start, with the key named, rather than at the first full disk
+        # (and with exit code 3 and one line if there is no store at all).
+        resolve_limits(config, read_store_fs(config.store_dir))
 
     # -- requests from the control socket --------------------------------
 
@@ -149,7 +150,11 @@ class Agent:
         interval = self.config.gc_check_interval
         if (self._worker and self._worker.is_alive()) or time.monotonic() < self._retry_at:
             return interval / NEAR_FACTOR
-        fs = filesystem(self.config.store_dir)
+        try:
+            fs = filesystem(self.config.store_dir)
+        except OSError as e:
+            self.log.error("cannot stat the store %s: %s", self.config.store_dir, e.strerror)
+            return interval
         limits = resolve_limits(self.config, fs)
         if limits is None:
             return interval

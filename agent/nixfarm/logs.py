@@ -19,9 +19,7 @@ def _journal_handler(identifier: str) -> logging.Handler | None:
     return JournalHandler(SYSLOG_IDENTIFIER=identifier)
 
 
-def setup(
-    name: str, identifier: str, log_file: str = "", stderr_level: int = logging.INFO
-) -> logging.Logger:
+def setup(name: str, identifier: str, log_file: str = "", stderr_level: int = logging.INFO) -> logging.Logger:
     """Give logger `name` one handler: journal, else `log_file`, else stderr at `stderr_level`."""
     logger = logging.getLogger(name)
     if logger.handlers:
@@ -29,7 +27,11 @@ def setup(
     logger.setLevel(logging.INFO)
     logger.propagate = False
     handler = _journal_handler(identifier)
-    if handler is None and log_file:
+    if handler is not None:
+        # The journal records time, identifier and PID itself: the message stays bare.
+        logger.addHandler(handler)
+        return logger
+    if log_file:
         try:
             handler = logging.FileHandler(log_file)
         except OSError:

@@ -1,0 +1,195 @@
+"""`nixfarm dispatch` against real harness builders, real sshd and real nix-build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Client
+from farm import Builder, Farm
+from nixfarm.atomic import write_atomic
+
+INTERVAL, KEEPALIVE, BACKOFF = 1.0, 1.0, 2.0
+HERE = Path(__file__).resolve().parent
+
+
+class Dispatcher:
+    """A running `nixfarm dispatch` for client alice."""
+
+    def __init__(self, farm: Farm, builders: list[Builder]) -> None:
+        self.farm = farm
+        inventory = farm.write_inventory("alice", builders)
+        self.machines = farm.root / "clients" / "alice" / "machines"
+        timing = ["--interval", str(INTERVAL), "--keepalive", str(KEEPALIVE), "--backoff-base", str(BACKOFF)]
+        argv = [farm.nixfarm, "dispatch", "--inventory", str(inventory), "--machines", str(self.machines)]
+        argv += timing
+        self.log = farm.root / "dispatch.log"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
+
+    def status(self) -> dict[str, dict]:  # type: ignore[type-arg]
+        out = subprocess.run([self.farm.nixfarm, "status", "--json", "--machines", str(self.machines)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return {b["name"]: b for b in json.loads(out)["builders"]}
+
+    def listed(self) -> set[str]:
+        text = self.machines.read_text() if self.machines.exists() else ""
+        return {b.name for b in self.farm.builders.values() if f"@{b.address} " in text}
+
+    def wait(self, what: str, check, timeout: float = 20) -> float:  # type: ignore[no-untyped-def]
+        """Seconds until check() is true (fails the test after `timeout`)."""
+        start = time.monotonic()
+        while not check():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s; {self.status()}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        assert self.proc.wait(timeout=10) == 0, self.log.read_text()
+
+
+@pytest.fixture
+def three(farm: Farm) -> Iterator[tuple[list[Builder], Dispatcher]]:
+    farm.add_client("alice")
+    builders = [farm.add_builder(n, clients={"alice": "build"}, max_jobs=2) for n in ("b1", "b2", "b3")]
+    dispatcher = Dispatcher(farm, builders)
+    dispatcher.wait("all listed", lambda: dispatcher.listed() == {"b1", "b2", "b3"})
+    yield builders, dispatcher
+    dispatcher.stop()
+
+
+def built_on(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [Path(p).read_text().split()[-1] for p in result.stdout.split()]
+
+
+def test_builds_go_to_healthy_builders_only(three: tuple[list[Builder], Dispatcher], client: Client) -> None:
+    (*_, b3), dispatcher = three
+    b3.exec(["pkill", "-x", "sshd"])
+    dispatcher.wait("b3 leaves", lambda: "b3" not in dispatcher.listed())
+
+    placed = built_on(client.build(f"@{dispatcher.machines}", count=6, seconds=1))
+
+    assert set(placed) <= {"b1", "b2"} and len(placed) == 6
+    assert dispatcher.status()["b3"]["state"] == "down"
+    assert "connection refused" in dispatcher.status()["b3"]["reason"]
+
+
+@pytest.mark.parametrize("how", ["sshd", "link"])
+def test_a_dead_builder_leaves_in_time_and_comes_back(
+    farm: Farm, three: tuple[list[Builder], Dispatcher], client: Client, how: str
+) -> None:
+    (*_, b3), dispatcher = three
+    if how == "sshd":
+        b3.exec(["pkill", "-x", "sshd"])
+    else:
+        b3.set_link(up=False)
+
+    left_after = dispatcher.wait("b3 leaves", lambda: "b3" not in dispatcher.listed())
+    assert left_after <= 2 * INTERVAL + 3 * KEEPALIVE + 1  # 2 intervals + the keepalive timeout
+    placed = built_on(client.build(f"@{dispatcher.machines}", count=4, seconds=1))
+    assert "b3" not in placed
+
+    failures = dispatcher.status()["b3"]["failures"]
+    if how == "sshd":
+        farm.restart_sshd(b3)
+    else:
+        b3.set_link(up=True)
+    step = BACKOFF * 3 ** max(0, failures - 1) * 1.2  # the backoff step in force, with jitter
+    back_after = dispatcher.wait("b3 returns", lambda: "b3" in dispatcher.listed(), timeout=step + 15)
+    assert back_after <= step + 5  # one step, plus a connection and a first snapshot
+    assert dispatcher.status()["b3"]["state"] == "healthy"
+
+
+def test_a_full_store_that_does_not_recover_leaves_and_returns_after_gc(farm: Farm) -> None:
+    farm.add_client("alice")
+    farm.add_client("ops")
+    good = farm.add_builder("good", clients={"alice": "build"})
+    full = farm.add_builder("full", clients={"alice": "build", "ops": "admin"}, store_size="64m",
+                            agent_config={"min_free": "16M", "max_free": "32M"})  # fmt: skip
+    dispatcher = Dispatcher(farm, [good, full])
+    try:
+        dispatcher.wait("both listed", lambda: dispatcher.listed() == {"good", "full"})
+        full.exec(["sh", "-c", "dd if=/dev/urandom of=/tmp/nf-fill-$$ bs=1M count=52 status=none; "
+                   "nix-store --add /tmp/nf-fill-$$; rm /tmp/nf-fill-$$"])  # fmt: skip
+        dispatcher.wait("full leaves", lambda: dispatcher.listed() == {"good"})
+        assert dispatcher.status()["full"]["reason"].startswith("disk critical")
+
+        farm.start_agent(full, "--interval", "1")  # its GC catches up
+        dispatcher.wait("full returns", lambda: dispatcher.listed() == {"good", "full"})
+        assert dispatcher.status()["full"]["state"] == "healthy"
+    finally:
+        dispatcher.stop()
+
+
+HOSTILE = {
+    "garbage": "bad metrics: not ",  # not UTF-8 text / not JSON
+    "truncated": "bad metrics: not JSON",
+    "huge": "bad metrics: a line longer than 1048576 bytes",
+    "stall": "stream stalled: no snapshot for",
+    "schema": "bad metrics: schema version 99, this dispatcher reads 1",
+}
+
+
+def test_hostile_agents_are_degraded_and_the_others_keep_serving(farm: Farm, client: Client) -> None:
+    key = farm.add_client("alice")
+    pub = key.with_suffix(".pub").read_text().strip()
+    good = farm.add_builder("good", clients={"alice": "build"}, max_jobs=2)
+    hostile = []
+    for mode in HOSTILE:
+        b = farm.add_builder(mode, clients={"alice": "build"})
+        line = f'restrict,command="{sys.executable} {HERE / "hostile_agent.py"} {mode}" {pub}\n'
+        (b.root / "authorized_keys" / "nixfarm").write_text(line)
+        hostile.append(b)
+    dispatcher = Dispatcher(farm, [good, *hostile])
+    try:
+        for mode, reason in HOSTILE.items():
+            dispatcher.wait(f"{mode} degraded", lambda m=mode: dispatcher.status()[m]["state"] == "degraded")
+            assert dispatcher.status()[mode]["reason"].startswith(reason), dispatcher.status()[mode]
+        status = dispatcher.status()
+        assert status["good"]["state"] == "healthy"
+        good_line = status["good"]["line"]
+        assert good_line and good_line.split()[3] == "2"  # max-jobs 2, nothing running: all free
+        # Degraded builders stay listed with their static values (as stock Nix would list them).
+        assert all(status[m]["line"] and status[m]["line"].split()[3] == "2" for m in HOSTILE)
+        assert dispatcher.proc.poll() is None
+    finally:
+        dispatcher.stop()
+
+
+def test_readers_never_see_a_partial_machines_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "machines")
+    contents = [
+        b"# written by nixfarm dispatch: 1 of 2 builders usable\n" + b"ssh-ng://a x 1 1 - - k\n",
+        b"# written by nixfarm dispatch: 2 of 2 builders usable\n" + b"ssh-ng://a x 2 50 - - k\n" * 200,
+    ]
+    write_atomic(path, contents[0])
+    done = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not done.is_set():
+            write_atomic(path, contents[i % 2])
+            i += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    seen = set()
+    try:
+        for _ in range(10_000):
+            with open(path, "rb") as f:
+                data = f.read()
+            assert data in contents, f"a reader saw {len(data)} bytes that are neither version"
+            seen.add(data)
+    finally:
+        done.set()
+        writer.join()
+    assert len(seen) == 2  # it really was rewritten while we read
