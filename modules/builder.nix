@@ -169,7 +169,11 @@ in
     agentInterval = mkOption {
       type = types.ints.positive;
       default = 10;
-      description = "Seconds between the agent's checks (`nixfarm agent --interval`).";
+      description = ''
+        Seconds between the agent's status updates to systemd (`nixfarm agent
+        --interval`); the watchdog allows 4 × this + 20 s. Free space is
+        checked more often: see `gc_check_interval` in {option}`settings`.
+      '';
     };
 
     settings = mkOption {
@@ -194,14 +198,37 @@ in
             example = [ "eth0" ];
             description = "Interfaces whose traffic the metrics count; empty: all but loopback.";
           };
+          control_group = mkOption {
+            type = types.str;
+            default = cfg.user;
+            defaultText = literalExpression "config.services.nixfarm.builder.user";
+            description = ''
+              Group that may use the agent's control socket
+              ({file}`/var/lib/nixfarm/control.sock`): the builder user's own
+              group, so that admin-role keys can run `nixfarm gc --now` and
+              `--dry-run` through the gateway. `""`: root only.
+            '';
+          };
         };
       };
       default = { };
+      example = literalExpression ''
+        {
+          network_interfaces = [ "eth0" ];
+          gc_check_interval = 5; # seconds between free-space checks
+        }
+      '';
       description = ''
         The agent and gateway configuration, written to
         {file}`/etc/nixfarm/agent.json` (keys: see the agent's README; an
-        unknown key stops the agent with an error naming it). `min-free` and
-        `max-free` are not keys here: the agent reads them from nix.conf.
+        unknown key stops the agent with an error naming it). Leave out
+        `min_free` and `max_free`: the agent then reads
+        {option}`minFree` and {option}`maxFree` from nix.conf, as Nix does.
+        Set them only for the agent to collect at other limits than Nix's own
+        (bytes, `"10G"` or `"10%"` of the store's filesystem; a `min_free` of
+        0 turns the agent's GC off). `gc_check_interval` and
+        `usage_sample_interval` (seconds, default 1) set how often it checks
+        free space and samples what builds use.
       '';
     };
   };
@@ -265,6 +292,12 @@ in
     # nix-daemon.nix declares the unit; serviceConfig is systemd's freeform
     # attrset, so these become [Service] lines of nix-daemon.service.
     systemd.services.nix-daemon.serviceConfig = lib.filterAttrs (_: v: v != null) {
+      # A build killed at MemoryMax is one failed build, not a reason to stop
+      # the daemon and every other client's builds with it. systemd's default
+      # OOMPolicy is DefaultOOMPolicy=stop unless Delegate= is on
+      # (systemd.service(5)); Nix's own unit sets Delegate=yes in newer
+      # versions, so this only makes it explicit for every Nix.
+      OOMPolicy = "continue";
       MemoryAccounting = true;
       MemoryMax = cfg.memoryMax;
       MemoryHigh = cfg.memoryHigh;
@@ -298,6 +331,7 @@ in
     systemd.services.nixfarm-agent = import ./agent-service.nix {
       inherit lib;
       inherit (cfg) package agentInterval;
+      nixPackage = config.nix.package;
       configFile = "/etc/nixfarm/agent.json";
       restartTriggers = [ agentConfigFile ];
     };

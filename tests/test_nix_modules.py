@@ -146,6 +146,7 @@ def test_builder_nix_daemon_limits(facts: dict[str, Any]) -> None:
     service = facts["builder"]["nixDaemon"]
     assert service["MemoryMax"] == "90%"
     assert service["OOMScoreAdjust"] == 500
+    assert service["OOMPolicy"] == "continue"  # a build killed at MemoryMax must not stop the daemon
     assert service["MemoryAccounting"] is True
     assert "MemoryHigh" not in service  # null: left unset
 
@@ -158,13 +159,18 @@ def test_builder_agent_unit(facts: dict[str, Any]) -> None:
     assert re.fullmatch(r"\d+s", service["WatchdogSec"])
     assert service["Restart"] == "on-failure"
     assert service["ProtectSystem"] == "strict"
-    assert service["CapabilityBoundingSet"] == ["CAP_SYS_PTRACE"]
+    assert service["CapabilityBoundingSet"] == ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_CHOWN"]
+    assert service["ReadWritePaths"] == ["/nix/var/nix/db"]  # not /nix/store: nix-daemon deletes
+    assert service["SystemCallFilter"] == ["@system-service", "~@privileged", "@chown"]
     assert service["StateDirectory"] == "nixfarm"
     argv = service["ExecStart"].split()
     assert argv[0] == facts["builder"]["package"] + "/bin/nixfarm"
     assert argv[1:] == ["--config", "/etc/nixfarm/agent.json", "agent", "--interval", "10"]
     assert agent["wantedBy"] == ["multi-user.target"]
     assert agent["environment"]["NIXFARM_CONFIG"] == "/etc/nixfarm/agent.json"
+    assert agent["environment"]["NIX_REMOTE"] == "daemon"
+    # The GC runs nix-store from PATH: the system's Nix must be there.
+    assert any(re.search(r"/nix/store/[^/]+-nix-\d", p) for p in agent["path"])
 
 
 def test_builder_agent_config_has_only_agent_keys(facts: dict[str, Any]) -> None:
@@ -178,10 +184,19 @@ def test_builder_agent_config_has_only_agent_keys(facts: dict[str, Any]) -> None
         "gateway_log",
         "network_interfaces",
         "stream_max_seconds",
+        "min_free",
+        "max_free",
+        "gc_check_interval",
+        "usage_sample_interval",
+        "control_group",
     }
     settings = facts["builder"]["agentSettings"]
     assert set(settings) <= known
     assert settings["state_dir"] == "/var/lib/nixfarm"
+    # Admin keys reach the agent's control socket as the builder user.
+    assert settings["control_group"] == facts["builder"]["user"]["group"] == "nixfarm"
+    # min-free / max-free stay in nix.conf only; the agent reads them there.
+    assert "min_free" not in settings and "max_free" not in settings
     assert settings["nix_bin_dir"].startswith("/nix/store/") and settings["nix_bin_dir"].endswith(
         "/bin"
     )

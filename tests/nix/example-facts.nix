@@ -61,6 +61,7 @@ in
     agent = {
       inherit (builder.systemd.services.nixfarm-agent) wantedBy environment;
       serviceConfig = builder.systemd.services.nixfarm-agent.serviceConfig;
+      path = map toString builder.systemd.services.nixfarm-agent.path;
     };
     agentSettings = builder.services.nixfarm.builder.settings;
     package = "${builder.services.nixfarm.builder.package}";
