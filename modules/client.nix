@@ -34,7 +34,9 @@ let
     builders = lib.mapAttrsToList (name: b: {
       inherit name;
       host_name = b.hostName;
-      inherit (b) address port protocol systems features;
+      # Where to connect; the dispatcher's inventory wants a string, not null.
+      address = if b.address == null then b.hostName else b.address;
+      inherit (b) port protocol systems features;
       ssh_user = b.sshUser;
       mandatory_features = b.mandatoryFeatures;
       host_key = nixfarmLib.keyOnly b.hostKey;
@@ -152,6 +154,9 @@ in
   };
 
   config = mkIf cfg.enable {
+    # `nixfarm status` for the client's users.
+    environment.systemPackages = [ cfg.package ];
+
     assertions = [
       {
         assertion = cfg.sshKey != null;
