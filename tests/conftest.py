@@ -63,9 +63,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if skips := _ci_skips(terminalreporter.config):
-        terminalreporter.write_line(
-            f"CI: {skips} test(s) skipped; every test must run in CI", red=True
-        )
+        terminalreporter.write_line(f"CI: {skips} test(s) skipped; every test must run in CI", red=True)
 
 
 @pytest.fixture
@@ -78,14 +76,16 @@ def farm() -> Iterator[farm_mod.Farm]:
 class Client:
     """The client side of the harness: host-namespace Nix with its own config."""
 
-    def __init__(self, root: Path) -> None:
-        self.conf_dir = root / "client-nix"
+    def __init__(self, root: Path, poll_interval: int = 5) -> None:
+        self.conf_dir = root / f"client-nix-{poll_interval}"
         self.conf_dir.mkdir(exist_ok=True)
         (self.conf_dir / "nix.conf").write_text(
             # No substituters: the network is closed here, and a cache lookup would
             # otherwise wait on a DNS failure for every build.
             "substituters =\nsandbox = false\nbuilders-use-substitutes = false\n"
             "experimental-features = nix-command\n"
+            # How long a build the hook postponed waits before asking again (Nix's default: 5).
+            f"build-poll-interval = {poll_interval}\n"
         )
 
     def env(self) -> dict[str, str]:
@@ -117,9 +117,7 @@ class Client:
             nonce or secrets.token_hex(4),
         ]
         for name, value in args.items():
-            argv += (
-                ["--arg", name, str(value)] if isinstance(value, int) else ["--argstr", name, value]
-            )
+            argv += ["--arg", name, str(value)] if isinstance(value, int) else ["--argstr", name, value]
         return argv
 
 

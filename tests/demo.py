@@ -1,18 +1,18 @@
 """A local demo farm: three builders of different sizes, two clients building at once.
 
-    tests/demo [--builds N] [--seconds S] [--json FILE]
+    tests/demo [--builds N] [--seconds S] [--static] [--json FILE]
 
-Starts three harness builders (4, 2 and 1 build slots, each a network
-namespace with its own sshd, nix-daemon and store), gives two clients a
-machines file, sends N builds of S seconds from each client at the same time,
-shows every builder's live metrics (read over SSH through the gateway with
-`nixfarm stream`), then prints a summary and tears everything down, also on
-Ctrl-C. Each build holds one of its builder's slots while it works, so a
-builder really can run only that many at once (DESIGN.md).
+Starts three harness builders (4, 2 and 1 build slots; each a network
+namespace with its own sshd, nix-daemon, store and nixfarm agent), and for
+each of two clients a `nixfarm dispatch` keeping that client's machines file.
+Both clients send N builds of S seconds at the same time while the live
+`nixfarm status` of the first client is shown; then a summary (builds per
+builder, makespan against the best possible), and everything is torn down,
+also on Ctrl-C. Each build holds one of its builder's slots while it works,
+so a builder really runs only that many at once (DESIGN.md).
 
-The clients use a static machines file here (every client lists every
-builder with maxJobs = its slots, as the nix.dev tutorial does); the
-load-aware dispatcher replaces it when it lands.
+--static runs the same with the nix.dev tutorial's static machines file
+(every client lists every builder with maxJobs = its slots), for comparison.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,129 +32,135 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import Client
 from farm import Builder, Farm
+from nixfarm.status import read_status, render, status_path
 
 BUILDERS = {"big": 4, "medium": 2, "small": 1}  # name -> build slots
 CLIENTS = ("alice", "bob")
-
-
-class LiveMetrics:
-    """The latest snapshot of each builder, from one `nixfarm stream` over SSH each."""
-
-    def __init__(self, farm: Farm, builders: list[Builder]) -> None:
-        self.latest: dict[str, dict[str, Any]] = {}
-        self._procs = []
-        for b in builders:
-            argv = [*farm.ssh_argv("watcher", b), "nixfarm stream --interval 0.5"]
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            self._procs.append(proc)
-            threading.Thread(target=self._read, args=(b.name, proc), daemon=True).start()
-
-    def _read(self, name: str, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.latest[name] = json.loads(line)
-
-    def close(self) -> None:
-        for proc in self._procs:
-            proc.terminate()
-            proc.wait()
-
-
-def table(live: LiveMetrics, elapsed: float, done: dict[str, float | None]) -> str:
-    rows = [
-        f"nixfarm demo: {elapsed:5.1f} s   "
-        + "   ".join(f"{c}: {f'done in {t:.1f} s' if t else 'building'}" for c, t in done.items()),
-        "",
-        f"{'builder':8} {'slots':>5} {'active':>6} {'load1':>6} {'store free':>11} {'rx KiB/s':>9}",
-    ]
-    for name, slots in BUILDERS.items():
-        snap = live.latest.get(name)
-        if snap is None:
-            rows.append(f"{name:8} {slots:>5} {'-':>6}")
-            continue
-        rx = snap["network"]["rx_bytes_per_second"] or 0
-        rows.append(
-            f"{name:8} {slots:>5} {snap['builds']['active']:>6} {snap['load']['avg1']:>6.2f} "
-            f"{snap['store']['free_bytes'] / 2**20:>8.1f} MiB {rx / 1024:>9.1f}"
-        )
-    return "\n".join(rows)
+POLL = int(__import__("os").environ.get("NIXFARM_DEMO_POLL", "5"))
 
 
 def start_farm(farm: Farm) -> dict[str, Builder]:
+    """Three builders, each with its agent; both clients may build everywhere."""
     for client in CLIENTS:
         farm.add_client(client)
-    farm.add_client("watcher")
-    roles = {**dict.fromkeys(CLIENTS, "build"), "watcher": "metrics"}
-    return {
-        name: farm.add_builder(name, clients=roles, max_jobs=slots, slots=slots, store_size="256m")
+    builders = {
+        name: farm.add_builder(
+            name,
+            clients=dict.fromkeys(CLIENTS, "build"),
+            max_jobs=slots,
+            slots=slots,
+            store_size="256m",
+            agent_config={"min_free": "32M", "max_free": "64M"},
+        )
         for name, slots in BUILDERS.items()
     }
+    for b in builders.values():
+        farm.start_agent(b, "--interval", "1")
+    return builders
 
 
-def run(builds: int, seconds: int) -> dict[str, Any]:
+def machines_files(
+    farm: Farm, builders: dict[str, Builder], static: bool
+) -> tuple[dict[str, Path], list[Any]]:
+    """Each client's machines file, kept by its own dispatcher (or written once, --static)."""
+    files, dispatchers = {}, []
+    for client in CLIENTS:
+        path = farm.root / "clients" / client / "machines"
+        files[client] = path
+        if static:
+            key = farm.client_keys[client]
+            path.write_text(
+                "".join(b.machines_line(key, max_jobs=BUILDERS[n]) + "\n" for n, b in builders.items())
+            )
+            continue
+        inventory = farm.write_inventory(client, list(builders.values()))
+        argv = [
+            farm.nixfarm,
+            "dispatch",
+            "--inventory",
+            str(inventory),
+            "--machines",
+            str(path),
+            "--interval",
+            "1",
+            "--keepalive",
+            "2",
+            "--backoff-base",
+            "5",
+        ]
+        log = (farm.root / f"dispatch-{client}.log").open("wb")
+        dispatchers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
+    deadline = time.monotonic() + 20
+    while not static and not all(
+        p.exists() and p.read_text().count("ssh-ng://") == 3 for p in files.values()
+    ):
+        if time.monotonic() > deadline:
+            raise SystemExit("the dispatchers did not list all three builders within 20 s")
+        time.sleep(0.1)
+    return files, dispatchers
+
+
+def show(files: dict[str, Path], started: float, done: dict[str, float | None], static: bool) -> None:
+    """Redraw the screen: the clients' progress and the first client's nixfarm status."""
+    from rich.console import Console
+
+    console = Console()
+    progress = "   ".join(f"{c}: {f'done in {t:.1f} s' if t else 'building'}" for c, t in done.items())
+    console.clear()
+    console.print(f"nixfarm demo: {time.monotonic() - started:5.1f} s   {progress}")
+    if static:
+        console.print("(static machines file: no dispatcher, no status)")
+        return
+    console.print(render(read_status(status_path(str(files[CLIENTS[0]]))), time.time()))
+
+
+def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
     with Farm() as farm:
         builders = start_farm(farm)
-        live = LiveMetrics(farm, list(builders.values()))
-        procs = {}
+        files, dispatchers = machines_files(farm, builders, static)
+        client = Client(farm.root, poll_interval=POLL)
         started = time.monotonic()
-        for client in CLIENTS:
-            machines = farm.root / f"machines-{client}"
-            key = farm.client_keys[client]
-            machines.write_text(
-                "".join(
-                    b.machines_line(key, max_jobs=BUILDERS[n]) + "\n" for n, b in builders.items()
-                )
-            )
-            argv = Client(farm.root).build_argv(
-                f"@{machines}",
-                f"{farm.id}{client}{secrets.token_hex(2)}",
-                count=builds,
-                seconds=seconds,
-                slots=1,
-            )
-            procs[client] = subprocess.Popen(
-                argv,
-                env=Client(farm.root).env(),
+        procs = {
+            c: subprocess.Popen(
+                client.build_argv(
+                    f"@{files[c]}",
+                    f"{farm.id}{c}{secrets.token_hex(2)}",
+                    count=builds,
+                    seconds=seconds,
+                    slots=1,
+                ),
+                env=client.env(),
                 text=True,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
+            for c in CLIENTS
+        }
         done: dict[str, float | None] = dict.fromkeys(CLIENTS)
         outputs: dict[str, list[str]] = {}
         try:
             while not all(done.values()):
-                for client, proc in procs.items():
-                    if done[client] is None and proc.poll() is not None:
-                        done[client] = time.monotonic() - started
+                for c, proc in procs.items():
+                    if done[c] is None and proc.poll() is not None:
+                        done[c] = time.monotonic() - started
                         stdout, stderr = proc.communicate()
                         if proc.returncode != 0:
-                            raise SystemExit(f"{client}'s builds failed:\n{stderr[-2000:]}")
-                        outputs[client] = stdout.split()
-                sys.stdout.write(
-                    "\033[H\033[J" + table(live, time.monotonic() - started, done) + "\n"
-                )
-                sys.stdout.flush()
+                            raise SystemExit(f"{c}'s builds failed:\n{stderr[-2000:]}")
+                        outputs[c] = stdout.split()
+                show(files, started, done, static)
                 time.sleep(0.5)
         finally:
-            for proc in procs.values():
+            for proc in [*procs.values(), *dispatchers]:
                 if proc.poll() is None:
-                    proc.kill()
-            live.close()
-        placed = Counter(
-            Path(p).read_text().split()[-1] for paths in outputs.values() for p in paths
-        )
-        makespan = max(t for t in done.values() if t)
+                    proc.terminate()
+                    proc.wait()
+        placed = Counter(Path(p).read_text().split()[-1] for paths in outputs.values() for p in paths)
         work = len(CLIENTS) * builds * seconds
         return {
+            "mode": "static" if static else "dispatcher",
             "builds_per_builder": {name: placed.get(name, 0) for name in BUILDERS},
             "client_seconds": done,
-            "makespan_seconds": round(makespan, 2),
+            "makespan_seconds": round(max(t for t in done.values() if t), 2),
             "lower_bound_seconds": max(seconds, work / sum(BUILDERS.values())),
             "builds": len(CLIENTS) * builds,
         }
@@ -164,19 +169,20 @@ def run(builds: int, seconds: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--builds", type=int, default=8, help="builds per client (default 8)")
+    parser.add_argument("--seconds", type=int, default=2, help="seconds each build works (default 2)")
     parser.add_argument(
-        "--seconds", type=int, default=2, help="seconds each build works (default 2)"
+        "--static", action="store_true", help="a static machines file instead of the dispatcher"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args()
     # Ctrl-C and SIGTERM both end the demo through the farm's teardown.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        summary = run(args.builds, args.seconds)
+        summary = run(args.builds, args.seconds, args.static)
     except KeyboardInterrupt:
         print("\ninterrupted: farm torn down", file=sys.stderr)
         return 130
-    print("\nsummary")
+    print(f"\nsummary ({summary['mode']})")
     for name, count in summary["builds_per_builder"].items():
         print(f"  {name:8} ({BUILDERS[name]} slots): {count} builds")
     print(
