@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -59,6 +60,17 @@ def program(name: str) -> str:
     if not path:
         raise FarmError(f"{name} is not installed (tests/run installs it)")
     return path
+
+
+def keygen(path: Path, comment: str) -> None:
+    """An ed25519 key pair without a passphrase at `path` and `path`.pub."""
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
+@functools.cache
+def current_system() -> str:
+    """Nix's name for this machine's platform (asked once: it costs a process)."""
+    return run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
 
 
 def ensure_builder_user() -> None:
@@ -143,9 +155,7 @@ class Builder:
 
     def machines_line(self, key: Path, protocol: str = "ssh-ng", max_jobs: int = 2, speed: int = 1) -> str:
         """A Nix machines-file line for this builder."""
-        system = (
-            run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
-        )
+        system = current_system()
         uri = f"{protocol}://{BUILDER_USER}@{self.address}"
         return f"{uri} {system} {key} {max_jobs} {speed} - - {self.host_key_b64}"
 
@@ -178,20 +188,7 @@ class Farm:
         """Make an ed25519 key pair for client `name`; returns the private key path."""
         key = self.root / "clients" / name / "id_ed25519"
         key.parent.mkdir(parents=True, mode=0o700)
-        run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"nixfarm-client-{name}",
-                "-f",
-                str(key),
-            ]
-        )
+        keygen(key, f"nixfarm-client-{name}")
         self.client_keys[name] = key
         return key
 
@@ -281,20 +278,7 @@ class Farm:
         match_block: bool,
     ) -> None:
         hostkey = b.root / "ssh_host_ed25519_key"
-        run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"{b.name}-host",
-                "-f",
-                str(hostkey),
-            ]
-        )
+        keygen(hostkey, f"{b.name}-host")
         b.host_key = " ".join(hostkey.with_suffix(".pub").read_text().split()[:2])
         keys_dir = b.root / "authorized_keys"
         keys_dir.mkdir(mode=0o755)
@@ -459,7 +443,7 @@ class Farm:
 
     def write_inventory(self, client: str, builders: list[Builder], max_jobs: int = 2) -> Path:
         """The client inventory `nixfarm dispatch` reads (as the NixOS client module writes it)."""
-        system = run(["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).stdout.strip().strip('"')
+        system = current_system()
         inventory = {
             "client": {"name": client, "key_file": str(self.client_keys[client])},
             "builders": [
