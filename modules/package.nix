@@ -11,6 +11,8 @@ let
     ps: with ps; [
       asyncssh
       pyroute2
+      # `nixfarm status` draws its table with rich.
+      rich
       # Optional at run time (the agent falls back to cgroup files and plain
       # sd_notify), but on NixOS systemd and D-Bus are always there.
       pydbus
@@ -46,6 +48,8 @@ python3Packages.buildPythonApplication {
     "nixfarm"
     "nixfarm.cli"
     "nixfarm.gateway"
+    "nixfarm.dispatch"
+    "nixfarm.status"
   ];
 
   meta = {
