@@ -1,0 +1,45 @@
+# gc: a builder with a small store and min-free/max-free set. Remote builds
+# fill it; the agent brings free space back above max-free, oldest paths
+# first, a rooted path survives, and builds keep succeeding. An admin key
+# starts a pass on demand through the gateway and the agent's control socket.
+{ self }:
+{
+  nodes = {
+    client = {
+      imports = [
+        self.nixosModules.client
+        ./node.nix
+      ];
+      services.nixfarm.client = {
+        enable = true;
+        sshKey = "/etc/nix/nixfarm_ed25519";
+        builders = [ "builder1" ];
+        # Only the builder's GC is under test: Nix's static machines file.
+        dispatcher.enable = false;
+      };
+    };
+    builder1 = {
+      imports = [
+        self.nixosModules.builder
+        ./node.nix
+      ];
+      services.nixfarm.builder = {
+        enable = true;
+        # Nix's own min-free/max-free (nix.conf), far below the agent's: Nix
+        # also collects inside a build below its min-free, and the pass this
+        # test checks must be the agent's.
+        minFree = "32M";
+        maxFree = "64M";
+        # The agent's own limits (agent.json keys; bytes, sizes or %).
+        settings = {
+          min_free = "160M";
+          max_free = "256M";
+        };
+      };
+      # A small store: the writable layer of the VM's /nix/store is this tmpfs
+      # (nixos/modules/virtualisation/qemu-vm.nix), and deleting a path built
+      # in the VM frees its space there.
+      virtualisation.fileSystems."/nix/.rw-store".options = [ "size=384M" ];
+    };
+  };
+}

@@ -1,0 +1,56 @@
+# offload: see offload.nix. Runs after helpers.py (nixos-tests/default.nix).
+
+start_all()
+
+with subtest("the builders and the client come up"):
+    for machine in (builder1, builder2):
+        wait_for_builder(machine)
+    client.wait_for_unit("multi-user.target")
+    client.wait_for_unit("nixfarm-dispatch.service")
+
+
+def check_snapshot(host: str, snap: dict[str, Any]) -> None:
+    """A builder's metrics snapshot, with the numbers a real NixOS builder has."""
+    check(snap["hostname"] == host, f"{host}: the snapshot is from {snap['hostname']}")
+    check(snap["cpus"] >= 1, f"{host}: no CPUs in {snap}")
+    store = snap["store"]
+    check(0 < store["free_bytes"] <= store["total_bytes"], f"{host}: store sizes {store}")
+    check(snap["memory"]["total_bytes"] > 0, f"{host}: memory {snap['memory']}")
+    check(snap["nix_config"]["max_jobs"] == 2, f"{host}: farm.nix gives maxJobs 2: {snap['nix_config']}")
+    daemon = snap["nix_daemon_memory"]
+    # Read from systemd over D-Bus; MemoryMax defaults to 90% of the RAM.
+    check(daemon["source"] == "systemd", f"{host}: nix-daemon memory not from systemd: {daemon}")
+    max_bytes = daemon["max_bytes"]
+    check(isinstance(max_bytes, int) and max_bytes > 0, f"{host}: nix-daemon has no MemoryMax: {daemon}")
+
+
+with subtest("the client reads each builder's metrics over SSH with its key"):
+    for host in ("builder1", "builder2"):
+        check_snapshot(host, metrics(client, host))
+
+# `nixfarm dispatch` and `nixfarm status` came with issue 4.
+with subtest("nixfarm status shows both builders healthy, with their real numbers"):
+    for host in ("builder1", "builder2"):
+        wait_healthy(client, host)
+        wait_listed(client, host, listed=True, timeout=60)
+    status = dispatcher_status(client)
+    for host in ("builder1", "builder2"):
+        check_snapshot(host, status[host]["snapshot"])
+        line = status[host]["line"] or ""
+        check(line.startswith(f"ssh-ng://nixfarm@{host} "), f"{host}: Nix sees {line!r}")
+
+with subtest("a build from the client runs on a builder"):
+    out, build_log = build(client, derivation(client, "offload-hello", hello_script("hello from the farm")))
+    host = built_on(build_log)
+    check(host in ("builder1", "builder2"), f"built on {host}, not on a farm builder")
+    builder, other = (builder1, builder2) if host == "builder1" else (builder2, builder1)
+    # The output was built there, copied back, and is in both stores.
+    check(valid_in_store(builder, out), f"{out} is not in {host}'s store")
+    check(not valid_in_store(other, out), f"{out} was built on both builders")
+    check(client.succeed(f"cat {out}").strip() == "hello from the farm", "wrong output")
+    check(builder.succeed(f"cat {out}") == client.succeed(f"cat {out}"), "outputs differ")
+    # The gateway let the client's key in for the Nix daemon protocol, and said so.
+    builder.succeed(
+        "journalctl -t nixfarm-gateway --no-pager"
+        " | grep \"allowed client=client role=build .*command='nix-daemon --stdio'\""
+    )
