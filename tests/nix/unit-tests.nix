@@ -1,6 +1,8 @@
 # checks.<system>.unit-tests: the repository's pytest suite against the
 # built package. The farm-harness tests skip themselves here (the build
-# sandbox is not root); the Nix-evaluation tests run in their own checks.
+# sandbox is not root); the Nix-evaluation tests run in their own checks, and
+# test_vm_tests.py checks nixos-tests/, which is not in this check's source
+# (the VM tests are checks of their own).
 {
   lib,
   runCommand,
@@ -35,6 +37,7 @@ runCommand "nixfarm-unit-tests-${nixfarm.version}"
     python -m pytest -p no:cacheprovider tests \
       --ignore=tests/test_nix_lib.py \
       --ignore=tests/test_nix_modules.py \
-      --ignore=tests/test_nix_parse.py
+      --ignore=tests/test_nix_parse.py \
+      --ignore=tests/test_vm_tests.py
     touch $out
   ''
