@@ -43,9 +43,7 @@ def assert_one_line(result: subprocess.CompletedProcess[str], code: int, text: s
 
 
 def test_missing_store_exits_3_with_one_line(tmp_path: Path) -> None:
-    result = nixfarm(
-        "metrics", config={"store_dir": str(tmp_path / "nix/store")}, tmp_path=tmp_path
-    )
+    result = nixfarm("metrics", config={"store_dir": str(tmp_path / "nix/store")}, tmp_path=tmp_path)
     assert_one_line(result, 3, f"Nix store {tmp_path}/nix/store does not exist")
     assert result.stdout == ""
 
@@ -80,9 +78,7 @@ def test_help_explains_commands_and_exit_codes() -> None:
     for word in ("metrics", "stream", "gateway", "agent", "Exit codes"):
         assert word in result.stdout
     gateway_help = nixfarm("gateway", "--help").stdout
-    assert 'restrict,command="nixfarm gateway --client NAME --role ROLE"' in gateway_help.replace(
-        "\n", " "
-    )
+    assert 'restrict,command="nixfarm gateway --client NAME --role ROLE"' in gateway_help.replace("\n", " ")
 
 
 def test_stream_count_prints_that_many_json_lines(tmp_path: Path) -> None:
@@ -168,3 +164,15 @@ def test_gateway_refuses_a_long_command_in_one_line(tmp_path: Path) -> None:
         result, 1, f"nixfarm gateway: refused: command too long ({len(junk)} bytes; at most 4096)"
     )
     assert result.stdout == ""
+
+
+def test_gc_works_locally_status_and_a_clear_line_without_an_agent(tmp_path: Path) -> None:
+    """The gc command as a root user on the builder runs it (not only through the gateway)."""
+    config = {"state_dir": str(tmp_path), "store_dir": str(tmp_path)}
+    status = nixfarm("gc", "--status", "--json", config=config, tmp_path=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["history"] == []
+    assert "--target-free SIZE" in nixfarm("gc", "--help").stdout
+    now = nixfarm("gc", "--now", config=config, tmp_path=tmp_path)
+    assert_one_line(now, 1, f"the nixfarm agent is not running (nothing answers on {tmp_path}/control.sock)")
+    assert_one_line(nixfarm("gc", "--now", "--status"), 2, "not allowed with argument")

@@ -172,6 +172,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
 
     p = sub.add_parser(
+        "gc",
+        help="store GC: --status, --dry-run, --now",
+        allow_abbrev=False,
+        description="Store garbage collection. The agent keeps free space between min-free and max-free "
+        "by itself; this shows what it did and would do, or asks it for a pass now. --now and --dry-run "
+        "talk to the running agent over its control socket (as root, or as a member of its control_group).",
+    )
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument(
+        "--status",
+        dest="action",
+        action="store_const",
+        const="status",
+        help="the last passes: when, why, what they freed",
+    )
+    action.add_argument(
+        "--dry-run",
+        dest="action",
+        action="store_const",
+        const="dry-run",
+        help="what a pass would delete now, in order, with sizes and reasons",
+    )
+    action.add_argument(
+        "--now",
+        dest="action",
+        action="store_const",
+        const="now",
+        help="run one pass now, up to max-free (or --target-free)",
+    )
+    p.add_argument(
+        "--target-free",
+        type=_size,
+        metavar="SIZE",
+        help="free space to reach instead of max-free (bytes or 16M, 10G)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
         "agent",
         help="the builder service (sd_notify, watchdog)",
         allow_abbrev=False,
