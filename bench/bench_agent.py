@@ -60,9 +60,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 def handshake_time(argv: list[str]) -> float:
     """Seconds from starting ssh to reading WORKER_MAGIC_2 and the protocol version."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     reply = b""
     try:

@@ -556,8 +556,7 @@ class SystemdHost:
         )
         if check and r.returncode != 0:
             raise SystemdHostError(
-                f"{' '.join(argv)} failed in the systemd host (exit {r.returncode}):\n"
-                f"{r.stdout}{r.stderr}"
+                f"{' '.join(argv)} failed in the systemd host (exit {r.returncode}):\n{r.stdout}{r.stderr}"
             )
         return r
 
@@ -640,9 +639,7 @@ class SystemdHost:
                 with contextlib.suppress(OSError):
                     if os.readlink(entry / "root").startswith(str(self.work)):
                         found.append(f"process {entry.name}")
-        found += [
-            f"cgroup {h}/{self.name}" for h in self.hierarchies if Path(h, self.name).exists()
-        ]
+        found += [f"cgroup {h}/{self.name}" for h in self.hierarchies if Path(h, self.name).exists()]
         if self.work.exists():
             found.append(f"directory {self.work}")
         if self._machine_before:

@@ -36,9 +36,7 @@ def start_agent(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     config = tmp_path / "agent.json"
     config.write_text(json.dumps({"store_dir": str(tmp_path), "state_dir": str(tmp_path)}))
     base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     }
     return subprocess.Popen(
         [NIXFARM, "--config", str(config), "agent", "--interval", "0.2"],
@@ -58,9 +56,7 @@ def receive(sock: socket.socket, until: str, limit: int = 200) -> list[str]:
     raise AssertionError(f"no {until!r} in {messages}")
 
 
-def test_ready_then_watchdog_then_stopping(
-    tmp_path: Path, notify_socket: tuple[socket.socket, str]
-) -> None:
+def test_ready_then_watchdog_then_stopping(tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
     sock, path = notify_socket
     agent = start_agent(tmp_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     try:
@@ -84,9 +80,7 @@ def test_watchdog_for_another_pid_is_ignored(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, path = notify_socket
-    agent = start_agent(
-        tmp_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
-    )
+    agent = start_agent(tmp_path, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
     try:
         receive(sock, "READY=1")
         sock.settimeout(1.0)

@@ -162,9 +162,7 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
         load_config(missing)
 
 
-def test_missing_default_file_gives_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_default_file_gives_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent" / "agent.json"))
     assert load_config() == AgentConfig()
 
@@ -229,9 +227,7 @@ def test_nixfarm_config_env_naming_a_missing_file_is_an_error(
         load_config()
 
 
-def test_explicit_path_beats_nixfarm_config_env(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_explicit_path_beats_nixfarm_config_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env_path = write(tmp_path / "env.json", '{"build_users_group": "env"}')
     monkeypatch.setenv("NIXFARM_CONFIG", env_path)
     path = write(tmp_path / "arg.json", '{"build_users_group": "arg"}')

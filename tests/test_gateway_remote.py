@@ -66,12 +66,8 @@ def test_shell_syntax_is_refused(farm: Farm, builder: Builder, marker: Path, com
     assert "refused client=alice role=build" in (builder.root / "gateway.log").read_text()
 
 
-def test_plain_command_outside_the_allow_list_is_refused(
-    farm: Farm, builder: Builder, marker: Path
-) -> None:
-    assert_refused(
-        farm.ssh("alice", builder, f"touch {marker}"), marker, "command 'touch' is not allowed"
-    )
+def test_plain_command_outside_the_allow_list_is_refused(farm: Farm, builder: Builder, marker: Path) -> None:
+    assert_refused(farm.ssh("alice", builder, f"touch {marker}"), marker, "command 'touch' is not allowed")
 
 
 def test_interactive_login_is_refused(farm: Farm, builder: Builder, marker: Path) -> None:
@@ -93,14 +89,10 @@ def test_pty_request_is_refused(farm: Farm, builder: Builder, marker: Path) -> N
 def test_build_commands_need_the_build_role(farm: Farm, builder: Builder, marker: Path) -> None:
     for command in ("nix-store --serve --write", "nix-store --serve", "nix-daemon --stdio"):
         result = farm.ssh("watcher", builder, command)
-        assert_refused(
-            result, marker, f"'{command}' needs the build role; this key has the metrics role"
-        )
+        assert_refused(result, marker, f"'{command}' needs the build role; this key has the metrics role")
 
 
-def test_unknown_options_are_refused_not_passed_through(
-    farm: Farm, builder: Builder, marker: Path
-) -> None:
+def test_unknown_options_are_refused_not_passed_through(farm: Farm, builder: Builder, marker: Path) -> None:
     cases = {
         "nix-daemon --stdio --store /tmp/x": "command 'nix-daemon' is not allowed",
         "nixfarm metrics --config /etc/shadow": "nixfarm metrics takes --json or --prometheus",
@@ -194,14 +186,10 @@ def test_agent_forwarding_is_refused(farm: Farm, builder: Builder) -> None:
     # The gateway refuses any session that carries SSH_AUTH_SOCK (tests/test_gateway_rules.py),
     # so a successful command proves sshd gave this session no forwarded agent.
     assert result.returncode == 0, result.stderr
-    assert "agent forwarding" not in result.stderr.replace(
-        "Requesting authentication agent forwarding", ""
-    )
+    assert "agent forwarding" not in result.stderr.replace("Requesting authentication agent forwarding", "")
 
 
-def _exec_over_asyncssh(
-    farm: Farm, builder: Builder, client: str, command: str
-) -> tuple[int | None, str]:
+def _exec_over_asyncssh(farm: Farm, builder: Builder, client: str, command: str) -> tuple[int | None, str]:
     """Send one exec request with asyncssh (ssh(1) cannot take a 1 MiB argument)."""
 
     async def run() -> tuple[int | None, str]:
@@ -228,9 +216,7 @@ def _exec_over_asyncssh(
     return asyncio.run(run())
 
 
-def test_a_megabyte_of_junk_never_reaches_a_shell(
-    farm: Farm, builder: Builder, marker: Path
-) -> None:
+def test_a_megabyte_of_junk_never_reaches_a_shell(farm: Farm, builder: Builder, marker: Path) -> None:
     junk = f"touch {marker}; " + "A" * (1 << 20)
     status, stderr = _exec_over_asyncssh(farm, builder, "alice", junk)
     assert not marker.exists()
@@ -247,9 +233,7 @@ def test_a_long_command_reaches_the_gateway_and_is_refused(
     junk = f"touch {marker}; " + "A" * (64 << 10)
     status, stderr = _exec_over_asyncssh(farm, builder, "alice", junk)
     assert status == 1
-    assert (
-        stderr == f"nixfarm gateway: refused: command too long ({len(junk)} bytes; at most 4096)\n"
-    )
+    assert stderr == f"nixfarm gateway: refused: command too long ({len(junk)} bytes; at most 4096)\n"
     assert not marker.exists()
 
 

@@ -196,9 +196,7 @@ def test_other_commands_are_refused(role: str, command: str, message: str) -> No
         decide(split_command(command), role)
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"), [("0.2", 0.2), ("3600", 3600.0), ("1.5", 1.5), ("30", 30.0)]
-)
+@pytest.mark.parametrize(("value", "expected"), [("0.2", 0.2), ("3600", 3600.0), ("1.5", 1.5), ("30", 30.0)])
 def test_stream_interval_bounds_are_inclusive(value: str, expected: float) -> None:
     decision = decide(split_command(f"nixfarm stream --interval {value}"), "metrics")
     assert decision.action == "stream"
@@ -208,9 +206,7 @@ def test_stream_interval_bounds_are_inclusive(value: str, expected: float) -> No
 def test_refusal_names_the_allowed_commands_for_the_role() -> None:
     with pytest.raises(RefusedError) as metrics_refusal:
         decide(["nixfarm", "frobnicate"], "metrics")
-    assert "allowed: nixfarm metrics, nixfarm stream, nixfarm gc --status)" in str(
-        metrics_refusal.value
-    )
+    assert "allowed: nixfarm metrics, nixfarm stream, nixfarm gc --status)" in str(metrics_refusal.value)
     with pytest.raises(RefusedError) as build_refusal:
         decide(["nixfarm", "frobnicate"], "build")
     assert "nix-daemon --stdio" in str(build_refusal.value)
@@ -327,9 +323,7 @@ def test_plain_session_is_accepted(no_tty: None) -> None:
         ("DISPLAY", "localhost:10.0", r"X11 forwarding is not allowed"),
     ],
 )
-def test_forwarding_and_terminals_are_refused(
-    name: str, value: str, message: str, no_tty: None
-) -> None:
+def test_forwarding_and_terminals_are_refused(name: str, value: str, message: str, no_tty: None) -> None:
     with pytest.raises(RefusedError, match=message):
         check_session({"SSH_ORIGINAL_COMMAND": "nixfarm metrics", name: value})
 

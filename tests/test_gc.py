@@ -158,9 +158,7 @@ def wait_for_process(builder: Builder, needle: str, timeout: float = 30) -> int:
     raise AssertionError(f"no process {needle!r} on {builder.name}")
 
 
-def test_sigterm_mid_pass_leaves_a_consistent_store_and_a_clean_restart(
-    farm: Farm, builder: Builder
-) -> None:
+def test_sigterm_mid_pass_leaves_a_consistent_store_and_a_clean_restart(farm: Farm, builder: Builder) -> None:
     pid = farm.start_agent(builder, "--interval", "1")
     add_dead_paths(builder, 800, 1)
     pass_ = subprocess.Popen(
@@ -226,9 +224,7 @@ def test_inputs_of_running_builds_are_recorded_as_used(
     assert built.returncode == 0, built.stderr
     cold = add_dead_paths(builder, 1, 4)[0]
 
-    plan = json.loads(
-        farm.ssh("ops", builder, "nixfarm gc --dry-run --target-free 64M --json").stdout
-    )
+    plan = json.loads(farm.ssh("ops", builder, "nixfarm gc --dry-run --target-free 64M --json").stdout)
     reasons = {Path(p["path"]).name.split("-", 1)[1]: p["reason"] for p in plan["result"]["plan"]}
     order = [Path(p["path"]).name.split("-", 1)[1] for p in plan["result"]["plan"]]
     assert reasons[f"hot-{nonce}"].startswith("last used")  # seen in the build's environment
@@ -236,9 +232,7 @@ def test_inputs_of_running_builds_are_recorded_as_used(
     assert order.index(Path(cold).name.split("-", 1)[1]) < order.index(f"hot-{nonce}")
 
 
-def test_a_failing_nix_store_is_retried_with_backoff_not_in_a_loop(
-    farm: Farm, builder: Builder
-) -> None:
+def test_a_failing_nix_store_is_retried_with_backoff_not_in_a_loop(farm: Farm, builder: Builder) -> None:
     add_dead_paths(builder, 12, 4096)
     # A real Nix failure: its GC refuses to run while temproots is not a directory.
     builder.exec(

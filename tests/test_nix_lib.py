@@ -35,9 +35,7 @@ NIXFARM = "/nix/store/00000000000000000000000000000000-nixfarm-0.1.0"
 def _run(expr: str, arg: object) -> subprocess.CompletedProcess[str]:
     assert NIX_INSTANTIATE is not None
     source = (
-        f"let lib = import {LIB}; "
-        'arg = builtins.fromJSON (builtins.getEnv "NIXFARM_TEST_ARG"); '
-        f"in {expr}"
+        f'let lib = import {LIB}; arg = builtins.fromJSON (builtins.getEnv "NIXFARM_TEST_ARG"); in {expr}'
     )
     return subprocess.run(
         [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-E", source],
@@ -126,9 +124,7 @@ def test_authorized_keys_line() -> None:
         "lib.authorizedKeysLine arg",
         {"nixfarm": NIXFARM, "name": "laptop", "role": "build", "publicKey": KEY_A},
     )
-    assert line == (
-        f'restrict,command="{NIXFARM}/bin/nixfarm gateway --client laptop --role build" {KEY_A}'
-    )
+    assert line == (f'restrict,command="{NIXFARM}/bin/nixfarm gateway --client laptop --role build" {KEY_A}')
 
 
 def test_authorized_keys_role_defaults_to_build() -> None:
@@ -200,9 +196,10 @@ def test_known_host_names() -> None:
         "b",
         "192.0.2.1",
     ]
-    assert nix_eval(
-        "lib.knownHostNames arg", {"hostName": "b", "address": "192.0.2.1", "port": 2222}
-    ) == ["[b]:2222", "[192.0.2.1]:2222"]
+    assert nix_eval("lib.knownHostNames arg", {"hostName": "b", "address": "192.0.2.1", "port": 2222}) == [
+        "[b]:2222",
+        "[192.0.2.1]:2222",
+    ]
 
 
 def test_ssh_host_block() -> None:
@@ -292,11 +289,7 @@ def check(change: dict[str, Any]) -> list[str]:
             "is listed for more than one client",
         ),
         (
-            {
-                "builders": {
-                    "twin": {"hostName": "big.example.org", "hostKey": HOST_KEY, "systems": ["x"]}
-                }
-            },
+            {"builders": {"twin": {"hostName": "big.example.org", "hostKey": HOST_KEY, "systems": ["x"]}}},
             "host name big.example.org is used by more than one builder",
         ),
     ],

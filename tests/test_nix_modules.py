@@ -28,9 +28,7 @@ GiB = 2**30
 # tests/conftest.py (owned elsewhere) does not register this marker yet; until
 # it does, keep pytest from warning about it. It marks the tests that CI may
 # skip because they need a nixpkgs checkout.
-warnings.filterwarnings(
-    "ignore", r"Unknown pytest\.mark\.needs_nixpkgs", pytest.PytestUnknownMarkWarning
-)
+warnings.filterwarnings("ignore", r"Unknown pytest\.mark\.needs_nixpkgs", pytest.PytestUnknownMarkWarning)
 
 
 def _missing() -> str | None:
@@ -197,9 +195,7 @@ def test_builder_agent_config_has_only_agent_keys(facts: dict[str, Any]) -> None
     assert settings["control_group"] == facts["builder"]["user"]["group"] == "nixfarm"
     # min-free / max-free stay in nix.conf only; the agent reads them there.
     assert "min_free" not in settings and "max_free" not in settings
-    assert settings["nix_bin_dir"].startswith("/nix/store/") and settings["nix_bin_dir"].endswith(
-        "/bin"
-    )
+    assert settings["nix_bin_dir"].startswith("/nix/store/") and settings["nix_bin_dir"].endswith("/bin")
 
 
 # client ----------------------------------------------------------------------

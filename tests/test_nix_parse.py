@@ -28,9 +28,7 @@ def test_there_are_nix_files() -> None:
     assert {"flake.nix", "modules/lib.nix", "modules/builder.nix", "modules/client.nix"} <= names
 
 
-@pytest.mark.skipif(
-    NIX_INSTANTIATE is None, reason="needs nix-instantiate (tests/run installs nix-bin)"
-)
+@pytest.mark.skipif(NIX_INSTANTIATE is None, reason="needs nix-instantiate (tests/run installs nix-bin)")
 @pytest.mark.parametrize("path", nix_files(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_parses(path: Path) -> None:
     assert NIX_INSTANTIATE is not None

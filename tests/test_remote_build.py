@@ -29,10 +29,7 @@ def test_build_runs_on_the_builder_through_the_gateway(
     assert out.name in b1.exec(["ls", "/nix/store"]).stdout
     assert out.name not in b2.exec(["ls", "/nix/store"]).stdout
     log = (b1.root / "gateway.log").read_text()
-    assert (
-        f"allowed client=alice role=build from={b1.client_address} command='{remote_command}'"
-        in log
-    )
+    assert f"allowed client=alice role=build from={b1.client_address} command='{remote_command}'" in log
 
 
 def test_metrics_role_cannot_build(farm: Farm, client: Client) -> None:

@@ -51,9 +51,7 @@ def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
     return v1, v2
 
 
-def read_cgroup_files(
-    v1_path: str | None, v2_path: str | None, root: str = CGROUP_ROOT
-) -> dict[str, Any]:
+def read_cgroup_files(v1_path: str | None, v2_path: str | None, root: str = CGROUP_ROOT) -> dict[str, Any]:
     """Memory current/max of a cgroup, v1 where memory is still there, else v2."""
     if v1_path is not None and os.path.isdir(os.path.join(root, "memory")):
         base = os.path.join(root, "memory", v1_path.lstrip("/"))
@@ -69,9 +67,7 @@ def read_cgroup_files(
         raise OSError("nix-daemon is in no memory cgroup")
     # Pure v2 mounts at the root; hybrid systems mount it at .../unified.
     v2_root = (
-        root
-        if os.path.exists(os.path.join(root, "cgroup.controllers"))
-        else os.path.join(root, "unified")
+        root if os.path.exists(os.path.join(root, "cgroup.controllers")) else os.path.join(root, "unified")
     )
     base = os.path.join(v2_root, v2_path.lstrip("/"))
     return {

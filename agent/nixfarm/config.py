@@ -130,9 +130,7 @@ def _check_limit(text: str, where: str) -> None:
         else:
             parse_size(text)
     except (ValueError, UsageError):
-        raise ConfigError(
-            f"{where}: {text!r} is not a size or percentage (e.g. 16M, 10G, 10%)"
-        ) from None
+        raise ConfigError(f"{where}: {text!r} is not a size or percentage (e.g. 16M, 10G, 10%)") from None
 
 
 def _reject_constant(name: str) -> None:

@@ -117,14 +117,10 @@ def request(
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        raise AgentUnavailable(
-            f"the nixfarm agent is not running (nothing answers on {path})"
-        ) from None
+        raise AgentUnavailable(f"the nixfarm agent is not running (nothing answers on {path})") from None
     except PermissionError:
         sock.close()
-        raise AgentUnavailable(
-            f"not allowed to use {path} (see the agent's control_group)"
-        ) from None
+        raise AgentUnavailable(f"not allowed to use {path} (see the agent's control_group)") from None
     with sock, sock.makefile("rb") as answers:
         sock.sendall(json.dumps(command).encode() + b"\n")
         for line in answers:

@@ -99,9 +99,7 @@ _ROLE_GRANTS = {
 def split_command(command: str | None) -> list[str]:
     """SSH_ORIGINAL_COMMAND as argv, or RefusedError saying what is wrong with it."""
     if command is None:
-        raise RefusedError(
-            "interactive login is not allowed: this key only runs Nix and nixfarm commands"
-        )
+        raise RefusedError("interactive login is not allowed: this key only runs Nix and nixfarm commands")
     size = len(command.encode("utf-8", "surrogateescape"))
     if size > MAX_COMMAND_BYTES:
         raise RefusedError(f"command too long ({size} bytes; at most {MAX_COMMAND_BYTES})")
@@ -120,9 +118,7 @@ def decide(argv: list[str], role: str) -> Decision:
     needed = _NIX_COMMANDS.get(tuple(argv))
     if needed is not None:
         if needed not in grants:
-            raise RefusedError(
-                f"'{' '.join(argv)}' needs the {needed} role; this key has the {role} role"
-            )
+            raise RefusedError(f"'{' '.join(argv)}' needs the {needed} role; this key has the {role} role")
         return Decision("exec", tuple(argv))
     if argv[0] != "nixfarm" or len(argv) < 2:
         raise RefusedError(f"command '{argv[0]}' is not allowed (allowed: {allowed_summary(role)})")
@@ -130,9 +126,7 @@ def decide(argv: list[str], role: str) -> Decision:
     if sub == "metrics":
         formats = {(): "json", ("--json",): "json", ("--prometheus",): "prometheus"}
         if tuple(options) not in formats:
-            raise RefusedError(
-                f"nixfarm metrics takes --json or --prometheus, not {' '.join(options)!r}"
-            )
+            raise RefusedError(f"nixfarm metrics takes --json or --prometheus, not {' '.join(options)!r}")
         return Decision("metrics", tuple(argv), output_format=formats[tuple(options)])
     if sub == "stream":
         return Decision("stream", tuple(argv), interval=_stream_interval(options))
@@ -159,10 +153,7 @@ def _gc_decision(argv: list[str], options: list[str], grants: set[str], role: st
     """`nixfarm gc --status|--dry-run|--now [--json] [--target-free SIZE]`; status is read-only."""
     from .nixconf import parse_size
 
-    usage = (
-        "nixfarm gc takes one of --status, --dry-run, --now, "
-        "and optionally --json, --target-free SIZE"
-    )
+    usage = "nixfarm gc takes one of --status, --dry-run, --now, and optionally --json, --target-free SIZE"
     actions = [o for o in options if o in ("--status", "--dry-run", "--now")]
     rest = [o for o in options if o not in actions and o != "--json"]
     target = None
@@ -176,9 +167,7 @@ def _gc_decision(argv: list[str], options: list[str], grants: set[str], role: st
         raise RefusedError(usage)
     action = actions[0].removeprefix("--")
     if action != "status" and "admin" not in grants:
-        raise RefusedError(
-            f"'nixfarm gc --{action}' needs the admin role; this key has the {role} role"
-        )
+        raise RefusedError(f"'nixfarm gc --{action}' needs the admin role; this key has the {role} role")
     fmt = "json" if "--json" in options else "text"
     return Decision("gc", tuple(argv), output_format=fmt, gc_action=action, target_free=target)
 
@@ -252,9 +241,7 @@ def record(config: AgentConfig, refused: bool, message: str, **fields: str) -> N
     if config.gateway_log:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} nixfarm-gateway[{os.getpid()}]: {message}\n"
         try:
-            fd = os.open(
-                config.gateway_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-            )
+            fd = os.open(config.gateway_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError:
             return
         try:
@@ -310,7 +297,5 @@ def run(client: str, role: str, config: AgentConfig) -> int:
     if decision.action == "metrics":
         return cli.print_metrics(config, decision.output_format)
     if decision.action == "gc":
-        return cli.run_gc(
-            config, decision.gc_action, decision.output_format == "json", decision.target_free
-        )
+        return cli.run_gc(config, decision.gc_action, decision.output_format == "json", decision.target_free)
     return cli.run_stream(config, decision.interval)

@@ -58,9 +58,7 @@ def _read_into(settings: dict[str, str], path: str, depth: int) -> None:
         words = line.split(None, 1)
         if words[0] in ("include", "!include") and len(words) == 2:
             if depth < _MAX_INCLUDE_DEPTH:
-                _read_into(
-                    settings, os.path.join(os.path.dirname(path), words[1].strip()), depth + 1
-                )
+                _read_into(settings, os.path.join(os.path.dirname(path), words[1].strip()), depth + 1)
             continue
         key, sep, value = line.partition("=")
         if not sep:

@@ -66,9 +66,7 @@ def render(snap: dict[str, Any]) -> str:
         "System features this builder offers.",
         [({"feature": f}, 1) for f in snap["features"]],
     )
-    w.gauge(
-        "snapshot_timestamp_seconds", "When this snapshot was taken (Unix time).", snap["timestamp"]
-    )
+    w.gauge("snapshot_timestamp_seconds", "When this snapshot was taken (Unix time).", snap["timestamp"])
     w.gauge("cpus", "CPUs available to the agent.", snap["cpus"])
     load = snap["load"]
     w.gauge("load1", "1-minute load average.", load["avg1"])
@@ -97,9 +95,7 @@ def render(snap: dict[str, Any]) -> str:
     w.gauge("store_free_inodes", "Free inodes on the Nix store filesystem.", store["free_inodes"])
     w.gauge("store_inodes", "Inodes of the Nix store filesystem.", store["total_inodes"])
     mem = snap["nix_daemon_memory"]
-    w.gauge(
-        "daemon_memory_current_bytes", "Memory used by nix-daemon's cgroup.", mem["current_bytes"]
-    )
+    w.gauge("daemon_memory_current_bytes", "Memory used by nix-daemon's cgroup.", mem["current_bytes"])
     if mem["source"] is not None:
         cap = math.inf if mem["max_bytes"] is None else mem["max_bytes"]
         w.gauge("daemon_memory_max_bytes", "Memory cap of nix-daemon's cgroup (+Inf: none).", cap)
@@ -137,9 +133,7 @@ def render(snap: dict[str, Any]) -> str:
         )
     gc = snap["gc"]
     w.gauge("gc_running", "1 while a store GC pass runs.", 1 if gc["running"] else 0)
-    w.gauge(
-        "gc_last_run_timestamp_seconds", "When the last GC pass ended (Unix time).", gc["last_run"]
-    )
+    w.gauge("gc_last_run_timestamp_seconds", "When the last GC pass ended (Unix time).", gc["last_run"])
     w.gauge("gc_last_freed_bytes", "Bytes freed by the last GC pass.", gc["bytes_freed"])
     w.gauge("gc_last_duration_seconds", "Duration of the last GC pass.", gc["duration_seconds"])
     return "\n".join(w.lines) + "\n"

@@ -41,9 +41,7 @@ class PathInfo:
         self.references: set[str] = set()
 
 
-def nix_store(
-    args: list[str], timeout: float = NIX_STORE_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
+def nix_store(args: list[str], timeout: float = NIX_STORE_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run nix-store with `args`; returns the finished process (not checked)."""
     try:
         return subprocess.run(
@@ -56,9 +54,7 @@ def nix_store(
     except FileNotFoundError:
         raise StoreError("nix-store not found on PATH") from None
     except subprocess.TimeoutExpired:
-        raise StoreError(
-            f"nix-store {' '.join(args[:2])} did not finish in {timeout:.0f} s"
-        ) from None
+        raise StoreError(f"nix-store {' '.join(args[:2])} did not finish in {timeout:.0f} s") from None
 
 
 def dead_paths() -> list[str]:
@@ -128,9 +124,7 @@ def delete(paths: list[str]) -> DeleteResult:
     """
     result = nix_store(["--delete", *paths])
     freed = _FREED.search(result.stdout + result.stderr)
-    deleted, freed_bytes = (
-        (int(freed.group(1)), int(float(freed.group(2)) * 2**20)) if freed else (0, 0)
-    )
+    deleted, freed_bytes = (int(freed.group(1)), int(float(freed.group(2)) * 2**20)) if freed else (0, 0)
     alive = _ALIVE.findall(result.stderr)
     if result.returncode != 0 and not alive:
         raise StoreError(f"nix-store --delete failed: {_last_line(result.stderr)}")
