@@ -32,6 +32,7 @@ import asyncssh
 
 from .atomic import write_atomic
 from .inventory import Builder, Inventory
+from .sshconn import connect_options
 
 SCHEMA = 1
 MAX_LINE = 1 << 20  # a snapshot is ~1.5 KiB; a megabyte is hostile
@@ -316,19 +317,13 @@ class Dispatcher:
 
     def builder_connection(self, b: Builder) -> dict[str, Any]:
         """asyncssh.connect() arguments: the client key, the pinned host key, keepalives."""
-        return {
-            "host": b.address,
-            "port": b.port,
-            "username": b.ssh_user,
-            "client_keys": [self.inventory.key_file],
-            # Only this builder's host key is trusted for it, whatever the host name.
-            "known_hosts": ([asyncssh.import_public_key(b.host_key)], [], []),
-            "agent_path": None,
-            "config": None,
-            "keepalive_interval": self.settings.keepalive,
-            "keepalive_count_max": self.settings.keepalive_count,
-            "connect_timeout": max(5.0, self.settings.keepalive * self.settings.keepalive_count),
-        }
+        return connect_options(
+            self.inventory.key_file,
+            b,
+            keepalive=self.settings.keepalive,
+            keepalive_count=self.settings.keepalive_count,
+            connect_timeout=max(5.0, self.settings.keepalive * self.settings.keepalive_count),
+        )
 
 
 def _describe(e: BaseException) -> str:
