@@ -172,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
 
     p = sub.add_parser(
+        "doctor",
+        help="check every builder the way nix-daemon will reach it; print the fixes",
+        allow_abbrev=False,
+        description="Run as root on a client: for each builder of the inventory check name resolution, "
+        "TCP, the host key, the client key file, the gateway roles, an ssh-ng handshake with its Nix "
+        "daemon (trusted?), systems/features and clock skew. Exit 1 if any builder is unusable.",
+    )
+    p.add_argument(
+        "--inventory",
+        default="/etc/nixfarm/inventory.json",
+        metavar="FILE",
+        help="the farm inventory (default /etc/nixfarm/inventory.json)",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list of builders and their checks")
+
+    p = sub.add_parser(
         "gc",
         help="store GC: --status, --dry-run, --now",
         allow_abbrev=False,
@@ -410,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             from .status import DEFAULT_MACHINES, run_status
 
             return run_status(args.machines or DEFAULT_MACHINES, args.json, args.watch)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(args.inventory, args.json)
         config = load_config(args.config)
         if args.command == "metrics":
             return print_metrics(config, args.format)

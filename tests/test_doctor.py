@@ -1,0 +1,363 @@
+"""`nixfarm doctor` against real harness builders: real sshd, gateway and nix-daemon.
+
+Plus unit tests of the checks that the harness cannot provoke (a builder's
+clock cannot differ from ours: the builders are namespaces of this kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm import Builder, Farm, run
+from nixfarm.doctor import CHECKS, FAIL, OK, SKIP, WARN, BuilderDoctor, KeyFile, Timeouts, check_key_file
+from nixfarm.inventory import Inventory
+
+HERE = Path(__file__).resolve().parent
+
+
+def doctor(farm: Farm, inventory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `nixfarm doctor` as a user would; never more than a minute."""
+    return subprocess.run(
+        [farm.nixfarm, "doctor", "--inventory", str(inventory), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def doctor_json(farm: Farm, inventory: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(exit code, {builder: {"usable": ..., check name: {"status", "message", "fix"}}})."""
+    result = doctor(farm, inventory, "--json")
+    assert "Traceback" not in result.stderr, result.stderr
+    builders = {}
+    for b in json.loads(result.stdout):
+        checks: dict[str, Any] = {c["check"]: c for c in b["checks"]}
+        builders[b["name"]] = {"usable": b["usable"], **checks}
+    return result.returncode, builders
+
+
+def edit_inventory(path: Path, index: int = 0, **changes: object) -> None:
+    """Change fields of builder `index` in the inventory file."""
+    data = json.loads(path.read_text())
+    data["builders"][index].update(changes)
+    path.write_text(json.dumps(data))
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {name: report[name]["status"] for name in CHECKS}
+
+
+def test_healthy_builder_passes_every_check(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 0
+    report = reports["b1"]
+    assert report["usable"] is True
+    assert statuses(report) == dict.fromkeys(CHECKS, OK)
+    # A real ssh-ng handshake with Nix 2.8's daemon (protocol 1.34), and trust without the 1.35 flag.
+    assert re.search(r"daemon protocol 1\.\d+ \(Nix \d+\.\d+", report["daemon"]["message"])
+    assert "trusts nixfarm" in report["trust"]["message"]
+    assert report["metrics"]["message"].startswith("schema 1 snapshot from b1")
+
+    text = doctor(farm, inventory)
+    assert text.returncode == 0
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("b1 (ssh-ng://nixfarm@") and lines[0].endswith("usable")
+    assert [line.split()[:2] for line in lines[1:-1]] == [["ok", name] for name in CHECKS]
+    assert lines[-1] == "all 1 builders usable"
+
+    # ssh:// builders: the legacy `nix-store --serve --write` handshake is checked as well.
+    edit_inventory(inventory, protocol="ssh")
+    code, reports = doctor_json(farm, inventory)
+    assert code == 0
+    assert "nix-store --serve --write answers too" in reports["b1"]["daemon"]["message"]
+
+
+def test_unresolvable_host_name(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+
+    # The machines file names the builder by host_name: Nix's ssh cannot reach it, though the
+    # inventory's address still lets doctor check the rest.
+    edit_inventory(inventory, host_name="no-such-builder.invalid")
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    report = reports["b1"]
+    assert report["usable"] is False
+    assert report["resolve"]["status"] == FAIL
+    assert "'no-such-builder.invalid'" in report["resolve"]["message"]
+    assert "/etc/hosts" in report["resolve"]["fix"]
+    assert report["tcp"]["status"] == OK and report["daemon"]["status"] == OK
+
+    # Without a usable address nothing else can run.
+    edit_inventory(inventory, host_name="no-such-builder.invalid", address="no-such-builder.invalid")
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    assert reports["b1"]["resolve"]["status"] == FAIL
+    assert {reports["b1"][name]["status"] for name in CHECKS[1:]} == {SKIP}
+    assert reports["b1"]["tcp"]["message"] == "not checked: resolve failed"
+
+
+def test_sshd_down_is_refused_and_other_builders_stay_usable(farm: Farm) -> None:
+    farm.add_client("alice")
+    good = farm.add_builder("good", clients={"alice": "build"})
+    down = farm.add_builder("down", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [good, down])
+    down.exec(["pkill", "-x", "sshd"])
+    deadline = time.monotonic() + 10
+    while any("sshd" in cmd for _, cmd in down.processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    assert reports["good"]["usable"] is True
+    assert reports["down"]["usable"] is False
+    assert reports["down"]["tcp"]["status"] == FAIL
+    assert "connection refused" in reports["down"]["tcp"]["message"]
+    assert "start sshd" in reports["down"]["tcp"]["fix"]
+    assert {reports["down"][name]["status"] for name in CHECKS[2:]} == {SKIP}
+
+    text = doctor(farm, inventory)
+    assert text.returncode == 1
+    assert "1 of 2 builders unusable: down" in text.stdout
+    fail_lines = [line for line in text.stdout.splitlines() if line.lstrip().startswith("FAIL")]
+    assert len(fail_lines) == 1 and "tcp" in fail_lines[0] and "-- fix: start sshd" in fail_lines[0]
+
+
+def test_link_down_is_bounded(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+    b.set_link(False)
+    start = time.monotonic()
+    code, reports = doctor_json(farm, inventory)
+    assert time.monotonic() - start < 30
+    assert code == 1
+    # Depending on the route, the connection times out, or a middlebox accepts it and never
+    # sends an SSH banner (this sandbox's default route does): either way, bounded and explained.
+    assert reports["b1"]["tcp"]["status"] == FAIL
+    assert "firewall" in reports["b1"]["tcp"]["fix"]
+    assert {reports["b1"][name]["status"] for name in CHECKS[2:]} == {SKIP}
+
+
+def test_wrong_host_key_shows_the_real_one(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+    other = farm.root / "other_host_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)])
+    edit_inventory(inventory, host_key=" ".join(other.with_suffix(".pub").read_text().split()[:2]))
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    check = reports["b1"]["host-key"]
+    assert check["status"] == FAIL
+    assert "HOST KEY MISMATCH" in check["message"]
+    real_fingerprint = run(["ssh-keygen", "-lf", str(b.root / "ssh_host_ed25519_key.pub")]).stdout.split()[1]
+    wrong_fingerprint = run(["ssh-keygen", "-lf", str(other.with_suffix(".pub"))]).stdout.split()[1]
+    assert real_fingerprint in check["message"] and wrong_fingerprint in check["message"]
+    assert f'hostKey = "{b.host_key}"' in check["fix"]
+    assert {reports["b1"][name]["status"] for name in CHECKS[3:]} == {SKIP}
+
+
+def test_key_file_readable_by_others(farm: Farm) -> None:
+    key = farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+    os.chmod(key, 0o644)
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    check = reports["b1"]["key-file"]
+    assert check["status"] == FAIL
+    assert "mode 0644" in check["message"]
+    assert check["fix"] == f"chmod 600 {key}"
+    # OpenSSH would ignore the key; asyncssh does not, so the rest is still checked.
+    assert reports["b1"]["login"]["status"] == OK and reports["b1"]["trust"]["status"] == OK
+
+    os.chmod(key, 0o600)
+    code, _ = doctor_json(farm, inventory)
+    assert code == 0
+
+
+def test_key_not_authorized_on_the_builder(farm: Farm) -> None:
+    farm.add_client("alice")
+    farm.add_client("mallory")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("mallory", [b])
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    assert reports["b1"]["login"]["status"] == FAIL
+    public = " ".join(farm.client_keys["mallory"].with_suffix(".pub").read_text().split()[:2])
+    assert f'clients.mallory.publicKey = "{public}"' in reports["b1"]["login"]["fix"]
+
+
+def test_metrics_role_key_cannot_build(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "metrics"})
+    inventory = farm.write_inventory("alice", [b])
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    report = reports["b1"]
+    assert report["metrics"]["status"] == OK  # the metrics role may read metrics
+    assert report["build-role"]["status"] == FAIL
+    assert "this key has the metrics role" in report["build-role"]["message"]
+    assert "builds are refused" in report["build-role"]["message"]
+    assert 'clients.alice.role = "build"' in report["build-role"]["fix"]
+    assert report["daemon"]["status"] == SKIP
+    assert report["daemon"]["message"] == "not checked: build-role failed"
+
+
+def test_untrusted_builder_user(farm: Farm) -> None:
+    farm.add_client("alice")
+    # A later trusted-users line wins: nixfarm is no longer trusted by the builder's daemon.
+    b = farm.add_builder("b1", clients={"alice": "build"}, nix_conf="trusted-users = root\n")
+    inventory = farm.write_inventory("alice", [b])
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    check = reports["b1"]["trust"]
+    assert check["status"] == FAIL
+    assert "does not trust nixfarm" in check["message"]
+    assert "trusted-users" in check["fix"]
+    assert reports["b1"]["daemon"]["status"] == OK
+
+
+def test_feature_the_builder_lacks(farm: Farm) -> None:
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    inventory = farm.write_inventory("alice", [b])
+    edit_inventory(inventory, features=["big-parallel", "kvm"], mandatory_features=["cuda"])
+
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    check = reports["b1"]["features"]
+    assert check["status"] == FAIL
+    assert "claims kvm, cuda but the builder does not offer them" in check["message"]
+    assert "big-parallel" not in check["message"].split("(it offers")[0]  # it does offer that one
+    assert reports["b1"]["systems"]["status"] == OK
+
+    edit_inventory(inventory, features=["big-parallel"], mandatory_features=[], systems=["riscv64-linux"])
+    code, reports = doctor_json(farm, inventory)
+    assert code == 1
+    assert reports["b1"]["features"]["status"] == OK
+    assert reports["b1"]["systems"]["status"] == FAIL
+    assert "riscv64-linux builds" in reports["b1"]["systems"]["message"]
+
+
+def test_hostile_builders_do_not_crash_doctor(farm: Farm) -> None:
+    key = farm.add_client("alice")
+    pub = key.with_suffix(".pub").read_text().strip()
+    builders: list[Builder] = []
+    for mode in ("garbage", "huge"):  # every command answers random bytes, or 10 MiB without a newline
+        b = farm.add_builder(mode, clients={"alice": "build"})
+        line = f'restrict,command="{sys.executable} {HERE / "hostile_agent.py"} {mode}" {pub}\n'
+        (b.root / "authorized_keys" / "nixfarm").write_text(line)
+        builders.append(b)
+    inventory = farm.write_inventory("alice", builders)
+
+    start = time.monotonic()
+    code, reports = doctor_json(farm, inventory)
+    assert time.monotonic() - start < 45
+    assert code == 1
+    garbage, huge = reports["garbage"], reports["huge"]
+    assert garbage["metrics"]["status"] == WARN and "not a usable snapshot" in garbage["metrics"]["message"]
+    assert huge["metrics"]["status"] == WARN and "longer than 1048576 bytes" in huge["metrics"]["message"]
+    for report in (garbage, huge):
+        assert report["daemon"]["status"] == FAIL
+        assert "not a Nix daemon" in report["daemon"]["message"]
+        assert report["clock"]["status"] == SKIP
+
+
+# -- unit tests: no harness ------------------------------------------------------------------
+
+
+def _builder_doctor(**builder: object) -> BuilderDoctor:
+    data = {
+        "client": {"name": "alice", "key_file": "/nonexistent"},
+        "builders": [
+            {
+                "name": "b1",
+                "host_name": "b1.example",
+                "systems": ["x86_64-linux"],
+                "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummy",
+                **builder,
+            }
+        ],
+    }
+    inventory = Inventory(data, "test")
+    key = KeyFile(check_key_file("/nonexistent").check, False, "")
+    return BuilderDoctor(inventory, inventory.builders[0], key, Timeouts())
+
+
+@pytest.mark.parametrize(
+    ("offset", "status"),
+    [(0.5, OK), (-3.0, OK), (30.0, WARN), (-30.0, WARN), (90.0, FAIL), (-3600.0, FAIL)],
+)
+def test_clock_skew_thresholds(offset: float, status: str) -> None:
+    d = _builder_doctor()
+    now = time.time()
+    d.clock({"timestamp": now + offset}, now - 0.1, now + 0.1)
+    (check,) = d.checks
+    assert check.status == status, check
+    assert ("ahead of" if offset > 0 else "behind") in check.message
+    if status != OK:
+        assert "TLS" in check.message and "NTP" in check.fix
+
+
+def test_clock_needs_a_numeric_timestamp() -> None:
+    d = _builder_doctor()
+    d.clock({"timestamp": "yesterday"}, 0.0, 1.0)
+    d.clock(None, 0.0, 1.0)
+    assert [c.status for c in d.checks] == [SKIP, SKIP]
+
+
+def test_systems_and_features_from_hostile_snapshots() -> None:
+    d = _builder_doctor(features=["kvm"])
+    d.systems_and_features({"systems": "x86_64-linux", "features": [1, None, "kvm\x1b[2J"]})
+    systems, features = d.checks
+    assert systems.status == FAIL and "builds for nothing" in systems.message
+    assert features.status == FAIL and "\x1b" not in features.message
+
+
+def test_key_file_checks(tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    good = check_key_file(str(key))
+    assert good.usable and good.check.status == OK and "mode 0600" in good.check.message
+    assert good.public_key == " ".join(key.with_suffix(".pub").read_text().split()[:2])
+
+    os.chmod(key, 0o640)
+    loose = check_key_file(str(key))
+    assert loose.usable and loose.check.status == FAIL and loose.check.fix == f"chmod 600 {key}"
+
+    locked = tmp_path / "id_locked"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)])
+    result = check_key_file(str(locked))
+    assert not result.usable and "passphrase" in result.check.message
+    assert result.check.fix == f"remove the passphrase: ssh-keygen -p -N '' -f {locked}"
+
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(os.urandom(300))
+    os.chmod(garbage, 0o600)
+    assert check_key_file(str(garbage)).check.status == FAIL
+
+    missing = check_key_file(str(tmp_path / "missing"))
+    assert not missing.usable and "No such file" in missing.check.message
+    assert "ssh-keygen -t ed25519" in missing.check.fix
