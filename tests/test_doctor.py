@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 
 from farm import Builder, Farm, run
-from nixfarm.doctor import CHECKS, FAIL, OK, SKIP, WARN, BuilderDoctor, KeyFile, Timeouts, check_key_file
+from nixfarm.doctor import (
+    CHECKS,
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    BuilderDoctor,
+    KeyFile,
+    Timeouts,
+    _clean,
+    check_key_file,
+)
 from nixfarm.inventory import Inventory
 
 HERE = Path(__file__).resolve().parent
@@ -361,3 +372,10 @@ def test_key_file_checks(tmp_path: Path) -> None:
     missing = check_key_file(str(tmp_path / "missing"))
     assert not missing.usable and "No such file" in missing.check.message
     assert "ssh-keygen -t ed25519" in missing.check.fix
+
+
+def test_builder_text_is_made_safe_to_print() -> None:
+    # Nix colours its errors; a hostile builder may send terminal escapes or endless text.
+    assert _clean("invalid operation \x1b[35;1m0\x1b[0m") == "invalid operation 0"
+    assert _clean("a\x07b\x1b]0;title\x07") == "a?b?]0;title?"
+    assert len(_clean("x" * 10_000)) == 300

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import sys
@@ -68,6 +69,7 @@ MAX_SNAPSHOT = 1 << 20
 MAX_STDERR = 8192
 MAX_KEY_FILE = 64 << 10
 CLOCK_WARN, CLOCK_FAIL = 5.0, 60.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class Timeouts:
@@ -261,8 +263,9 @@ async def ssh_target(host_name: str, timeout: float) -> tuple[str, int] | str:
 
 
 def _clean(text: str, limit: int = 300) -> str:
-    """Text from a builder, safe to print: no control characters, at most `limit` characters."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    """Text from a builder, safe to print: no colours (Nix's errors have them), no control characters."""
+    text = _ANSI.sub("", text[: limit * 2])[:limit]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _last_line(data: bytes) -> str:
