@@ -50,6 +50,7 @@ python3Packages.buildPythonApplication {
     "nixfarm.gateway"
     "nixfarm.dispatch"
     "nixfarm.status"
+    "nixfarm.doctor"
   ];
 
   meta = {
