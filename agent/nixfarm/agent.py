@@ -76,12 +76,9 @@ class Agent:
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
         watchdog = watchdog_interval()
-        tick = min(
-            self.config.gc_check_interval,
-            self.config.usage_sample_interval,
-            watchdog or self.interval,
-            self.interval,
-        )
+        # Sleep until the next thing is due (a check comes sooner below max-free),
+        # and never longer than the watchdog allows between pings.
+        longest_sleep = min(watchdog or self.interval, self.interval)
         due = {"check": 0.0, "sample": 0.0, "status": 0.0, "save": time.monotonic() + SAVE_EVERY}
         last_status = ""
         try:
@@ -105,7 +102,7 @@ class Agent:
                     due["save"] = now + SAVE_EVERY
                 if watchdog:
                     notify("WATCHDOG=1")
-                time.sleep(tick)
+                time.sleep(min(longest_sleep, max(0.01, min(due.values()) - time.monotonic())))
         finally:
             server.close()
             self.gc.stop_requested = True

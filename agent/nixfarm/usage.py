@@ -130,13 +130,17 @@ class UsageRecords:
 
     def _closure(self, name: str) -> list[str]:
         # Closures never change for a valid path: ask the database once per path.
-        if name not in self._closures:
-            try:
-                members = store.closure(f"{self.store_dir}/{name}")
-            except store.StoreError:
-                members = []
-            self._closures[name] = [os.path.basename(p) for p in members] or [name]
-        return self._closures[name]
+        # A path seen before it is valid (an output being built, an input being
+        # copied in) is asked again next time, once its references are known.
+        if name in self._closures:
+            return self._closures[name]
+        try:
+            members = [os.path.basename(p) for p in store.closure(f"{self.store_dir}/{name}")]
+        except store.StoreError:
+            members = []
+        if members:
+            self._closures[name] = members
+        return members or [name]
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop records of deleted paths."""
