@@ -54,6 +54,7 @@ in
 import module {
   inherit lib;
   package = null;
+  nixPackage = "/usr"; # Debian's nix-bin: nix-store in /usr/bin inside the host
   agentInterval = 1;
   configFile = "/etc/nixfarm/agent.json";
   restartTriggers = [ ];
