@@ -152,9 +152,11 @@ class BuilderState:
         self.failures = 0
         self.retry_at = 0.0
         self.low_disk_since: float | None = None
+        self.stalled = False  # degraded because the stream stalled: not listed
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
+        self.stalled = False
         free, floor = snap["store"]["free_bytes"], min_free_of(snap)
         if free >= floor:
             self.low_disk_since = None
@@ -173,6 +175,7 @@ class BuilderState:
     def failed(self, state: str, reason: str, settings: Settings) -> float:
         """Record a failure; returns seconds until the next attempt."""
         self.failures += 1
+        self.stalled = False
         delay = settings.backoff(self.failures)
         self.state, self.reason = state, reason
         self.retry_at = time.monotonic() + delay
@@ -181,7 +184,7 @@ class BuilderState:
     def machines_line(self, inventory: Inventory) -> str | None:
         """The line Nix sees for this builder now, or None when it is left out."""
         b = self.builder
-        if self.state == "down":
+        if self.state == "down" or self.stalled:
             return None
         if self.state == "degraded" or self.snapshot is None:
             return b.machines_line(inventory.key_file, b.max_jobs, b.speed_factor)
@@ -298,9 +301,11 @@ class Dispatcher:
                 try:
                     chunk = await asyncio.wait_for(proc.stdout.read(65536), self.settings.stall_timeout)
                 except TimeoutError:
-                    # The connection may be fine (keepalives will tell): distrust the numbers for now.
-                    if state.state != "degraded":
-                        state.state = "degraded"
+                    # A stalled agent or a dead link: the keepalives will tell which. Until
+                    # then the builder is left out, or Nix would keep sending it builds
+                    # whose connections hang.
+                    if not state.stalled:
+                        state.state, state.stalled = "degraded", True
                         state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
                         self.changed()
                     continue
