@@ -116,6 +116,11 @@ def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
     already plus its share. If the share rounds to zero but slots are free,
     each competitor may take one: at most (competitors - 1) builds too many,
     seen and corrected at the next snapshot, one interval later.
+    maxJobs is never below 1 for a healthy builder: Nix's build hook reads the
+    machines file once when it starts and keeps that view for as long as it
+    answers "postpone" (it is replaced only after accepting a build), so a hook
+    that saw 0 everywhere would wait forever (measured: a client stuck "waiting
+    for a machine" on an idle farm, bench/bench_dispatch.py farm_full).
     speedFactor (which free builder Nix prefers) grows with the free fraction
     and shrinks with CPU pressure.
     """
@@ -125,7 +130,7 @@ def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
     free = max(0, capacity - snap["builds"]["active"])
     competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
     share = free // competitors or (1 if free else 0)
-    max_jobs = min(capacity, mine + share)
+    max_jobs = max(1 if capacity else 0, min(capacity, mine + share))
     psi = ((snap.get("psi") or {}).get("cpu_some_avg10") or 0.0) / 100
     speed = 1 + round(99 * (free / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
     return max_jobs, speed

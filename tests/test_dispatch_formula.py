@@ -1,0 +1,95 @@
+"""The dispatcher's pure parts: the maxJobs/speedFactor claim, snapshot checks, backoff."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nixfarm.dispatch import BadSnapshot, BuilderState, Settings, claim, validate
+from nixfarm.inventory import Builder
+
+
+def snap(capacity: int, active: int, sessions: dict[str, int] | None = None, psi: float = 0.0) -> dict:  # type: ignore[type-arg]
+    return {
+        "schema": 1,
+        "nix_config": {"max_jobs": capacity, "min_free_bytes": 0},
+        "builds": {"active": active, "sessions_by_client": sessions or {}},
+        "store": {"free_bytes": 10 << 30, "total_bytes": 20 << 30},
+        "psi": {"cpu_some_avg10": psi},
+        "gc": {},
+    }
+
+
+def test_an_idle_builder_is_all_mine() -> None:
+    assert claim(snap(4, 0), "alice") == (4, 100)
+
+
+def test_free_slots_are_shared_among_the_clients_building_there() -> None:
+    # bob builds 2 there; 2 slots left for alice and bob: alice may add 1.
+    max_jobs, _ = claim(snap(4, 2, {"bob": 2}), "alice")
+    assert max_jobs == 1
+    # For bob, nobody else competes: its 2 and all 2 free.
+    assert claim(snap(4, 2, {"bob": 2}), "bob")[0] == 4
+
+
+def test_one_free_slot_and_three_competitors_each_may_take_it() -> None:
+    assert claim(snap(4, 3, {"bob": 2, "carol": 1}), "alice")[0] == 1
+
+
+def test_a_full_builder_gives_no_more_than_what_runs_but_never_zero() -> None:
+    # Nix's hook keeps its first view while it postpones: 0 would starve alice.
+    assert claim(snap(4, 4, {"bob": 4}), "alice")[0] == 1
+    assert claim(snap(4, 4, {"alice": 3, "bob": 1}), "alice")[0] == 3
+    assert claim(snap(0, 0), "alice")[0] == 0  # max-jobs 0: not a builder
+
+
+def test_speed_falls_with_load_and_cpu_pressure() -> None:
+    idle, half, pressed = (
+        claim(snap(4, 0), "a")[1],
+        claim(snap(4, 2), "a")[1],
+        claim(snap(4, 0, psi=50.0), "a")[1],
+    )
+    assert idle > half and idle > pressed and min(idle, half, pressed) >= 1
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"\xff\xfe", "not (UTF-8|JSON)"),
+        (b"{trunc", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (json.dumps({**snap(1, 0), "schema": 2}).encode(), "schema version 2"),
+        (json.dumps({"schema": 1}).encode(), "missing field"),
+        (json.dumps({**snap(1, 0), "builds": {"active": -1}}).encode(), "non-negative"),
+        (json.dumps({**snap(1, 0), "builds": {"active": True}}).encode(), "non-negative"),
+    ],
+)
+def test_bad_snapshots_say_what_is_wrong(line: bytes, reason: str) -> None:
+    with pytest.raises(BadSnapshot, match=reason):
+        validate(line)
+
+
+def test_backoff_grows_3x_with_jitter_and_is_capped() -> None:
+    s = Settings(backoff_base=60, backoff_factor=3, backoff_max=1800)
+    for failures, expected in [(1, 60), (2, 180), (3, 540), (4, 1620), (5, 1800), (9, 1800)]:
+        delay = s.backoff(failures)
+        assert 0.8 * expected <= delay <= 1.2 * expected
+
+
+def test_low_disk_leaves_only_after_the_grace_period() -> None:
+    b = Builder(
+        {"name": "b", "host_name": "h", "systems": ["x86_64-linux"], "host_key": "ssh-ed25519 AAAA"}, "b"
+    )
+    state = BuilderState(b)
+    low = {
+        **snap(2, 0),
+        "store": {"free_bytes": 1 << 20, "total_bytes": 1 << 30},
+        "gc": {"min_free_bytes": 16 << 20},
+    }
+    state.healthy(low, now=100.0, grace=3.0)
+    assert state.state == "healthy" and state.reason.startswith("low disk")
+    state.healthy(low, now=103.5, grace=3.0)
+    assert state.state == "down" and state.reason.startswith("disk critical: 1 MiB free")
+    state.healthy(snap(2, 0), now=104.0, grace=3.0)
+    assert state.state == "healthy" and state.reason == ""
