@@ -224,8 +224,9 @@ in
       builders = mkIf cfg.dispatcher.enable "@${cfg.dispatcher.machinesFile}";
       # A build the hook postpones (no slot it may use) is asked about again only
       # every build-poll-interval seconds (Nix's default: 5). The dispatcher's
-      # maxJobs postpones builds on purpose, so ask every second: measured in
-      # bench/bench_dispatch.py, 3 clients x 12 builds: 18.9-20.7 s -> 15.5 s.
+      # maxJobs postpones builds on purpose, so ask every second. Measured with
+      # bench/bench_dispatch.py (3 clients x 12 builds, one run, same formula
+      # variant): 21.9 s -> 13.5 s; bench/results-dispatch-experiments.json.
       # Setting in Nix's libstore/globals.hh (pollInterval, "build-poll-interval").
       build-poll-interval = mkIf cfg.dispatcher.enable (lib.mkDefault 1);
     };
