@@ -21,7 +21,7 @@ from . import store
 from .atomic import write_atomic
 from .config import AgentConfig
 from .errors import UsageError
-from .nixconf import load_nix_settings, parse_size
+from .nixconf import NixSettings, load_nix_settings, parse_size
 from .usage import UsageRecords
 
 BATCH = 100  # paths per nix-store --delete: bounded argv, progress between batches
@@ -67,9 +67,12 @@ class Limits:
         return fs["free_bytes"] >= self.max_free and fs["free_inodes"] >= self.max_free_inodes
 
 
-def resolve_limits(config: AgentConfig, fs: dict[str, int]) -> Limits | None:
-    """The limits in force: the agent config's, else nix.conf's; None when GC is off."""
-    nix = load_nix_settings(config.nix_conf_dir)
+def resolve_limits(config: AgentConfig, fs: dict[str, int], nix: NixSettings | None = None) -> Limits | None:
+    """The limits in force: the agent config's, else nix.conf's; None when GC is off.
+
+    `nix`: nix.conf's settings if the caller has read them already.
+    """
+    nix = nix or load_nix_settings(config.nix_conf_dir)
     total = fs["total_bytes"]
     min_free = (
         parse_limit(config.min_free, total, "min_free") if config.min_free != "" else nix.min_free_bytes

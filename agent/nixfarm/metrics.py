@@ -23,7 +23,7 @@ from typing import Any
 from . import cgroups, version
 from .config import AgentConfig
 from .errors import EnvironmentProblem
-from .nixconf import load_nix_settings
+from .nixconf import NixSettings, load_nix_settings
 
 SCHEMA = 1
 # Nix's auto-allocate-uids hands each build a block of 2^16 UIDs from this start.
@@ -164,13 +164,13 @@ def sessions_by_client(proc: str = "/proc") -> dict[str, int]:
     return counts
 
 
-def gc_limits(config: AgentConfig, store: dict[str, Any]) -> dict[str, int | None]:
+def gc_limits(config: AgentConfig, store: dict[str, Any], nix: NixSettings) -> dict[str, int | None]:
     """The min-free and max-free the agent keeps (bytes); None where its GC is off."""
     from .errors import UsageError
     from .gc import resolve_limits
 
     try:
-        limits = resolve_limits(config, store)
+        limits = resolve_limits(config, store, nix)
     except UsageError:
         limits = None
     return {
@@ -286,7 +286,7 @@ class Collector:
                 "max_free_bytes": nix.max_free_bytes,
             },
             "network": self._network.read() if self._network else None,
-            "gc": {**read_gc_state(self.config.state_dir), **gc_limits(self.config, store)},
+            "gc": {**read_gc_state(self.config.state_dir), **gc_limits(self.config, store, nix)},
         }
 
     def take_warnings(self) -> list[str]:
