@@ -22,8 +22,10 @@ Strategies:
   static      every client lists every builder with maxJobs = its slots, in a
               machines file written once (the nix.dev "distributed builds" way)
   dispatch    one `nixfarm dispatch` per client, with its own inventory and
-              machines file; the builds use `--builders @MACHINES`
-  +pollN      (either) the clients' build-poll-interval is N s instead of 5
+              machines file; the builds use `--builders @MACHINES` and
+              build-poll-interval = 1, as the NixOS client module sets them
+  +pollN      (either) the clients' build-poll-interval is N s instead of
+              static's 5 (Nix's default) or dispatch's 1
   +shareall   (dispatch) an experiment: claim() lets a client take every free slot
 
 Each client is its own Nix store (`--store local?root=...`), so it has its own
@@ -262,6 +264,7 @@ class Dispatchers:
             machines.unlink(missing_ok=True)
             program = [f.python, "-c", SHAREALL_DISPATCHER] if shareall else [f.nixfarm]
             argv = [*program, "dispatch", "--inventory", str(inventory), "--machines", str(machines)]
+            argv += ["--current-load", str(client_store(f, client) / "nix/var/nix/current-load")]
             self.logs[client] = client_dir(f, client) / "dispatch.log"
             with self.logs[client].open("ab") as log:
                 self.procs[client] = subprocess.Popen(
@@ -303,7 +306,8 @@ def machines_lines(path: Path) -> list[list[str]]:
 
 class Sampler:
     """Records, on every change, what each client's Nix sees (builder -> maxJobs, speedFactor)
-    and, for dispatchers, each builder's active builds and sessions per client as reported."""
+    and, for dispatchers, the slots each holds back and each builder's active builds and
+    sessions per client as reported."""
 
     def __init__(self, machines: dict[str, Path], names: dict[str, str], t0: float, status: bool) -> None:
         self.machines, self.names, self.t0, self.status = machines, names, t0, status
@@ -327,6 +331,7 @@ class Sampler:
                 builds = (b.get("snapshot") or {}).get("builds") or {}
                 loads[b["name"]] = {
                     "state": b["state"],
+                    "held_back": b.get("held_back"),
                     "active": builds.get("active"),
                     "sessions": builds.get("sessions_by_client", {}),
                 }
@@ -451,7 +456,7 @@ class Strategy:
     """How the clients get their machines files, and the experimental variations."""
 
     base: str  # "static" or "dispatch"
-    poll: int | None = None  # the clients' build-poll-interval (None: Nix's default, 5 s)
+    poll: int | None = None  # the clients' build-poll-interval (None: the strategy's own)
     shareall: bool = False  # dispatch with claim() letting a client take every free slot
 
 
@@ -484,7 +489,8 @@ def run_strategy(
 ) -> dict[str, Any]:
     """Run one scenario with one strategy; the builders are idle and alive before and after."""
     how = parse_strategy(strategy)
-    poll = how.poll
+    # static: Nix's default (5 s); dispatch: what the client module sets (1 s).
+    poll = how.poll if how.poll is not None else (1 if how.base == "dispatch" else None)
     dispatchers = None
     if how.base == "static":
         machines = {c: write_static(f, builders, c) for c in CLIENTS}

@@ -255,7 +255,13 @@ in
 
     environment.etc."nixfarm/inventory.json".source = inventoryFile;
 
-    systemd.tmpfiles.rules = mkIf cfg.dispatcher.enable [ "d ${machinesDir} 0755 root root - -" ];
+    # current-load: where Nix's build hook counts each builder's load; the
+    # dispatcher holds back slots there. Nix creates it at its first remote
+    # build, the sandbox below needs it to exist before.
+    systemd.tmpfiles.rules = mkIf cfg.dispatcher.enable [
+      "d ${machinesDir} 0755 root root - -"
+      "d /nix/var/nix/current-load 0755 root root - -"
+    ];
 
     systemd.services.nixfarm-dispatch = mkIf cfg.dispatcher.enable {
       description = "nixfarm dispatcher: keeps Nix's machines file true to the builders' load";
@@ -288,8 +294,11 @@ in
         RestartSec = "10s";
         # Root for the client key (root-owned, 0600, as nix-daemon reads it);
         # everything else is taken away. It writes only the machines file's
-        # directory (created by the tmpfiles rule below).
-        ReadWritePaths = [ machinesDir ];
+        # directory and Nix's slot locks (created by the tmpfiles rules above).
+        ReadWritePaths = [
+          machinesDir
+          "/nix/var/nix/current-load"
+        ];
         CapabilityBoundingSet = "";
         NoNewPrivileges = true;
         ProtectSystem = "strict";

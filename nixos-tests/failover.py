@@ -27,6 +27,20 @@ with subtest("builder1 leaves the machines file when its link goes down"):
     reason = dispatcher_status(client)["builder1"]["reason"]
     check(bool(reason), "the dispatcher gives no reason for leaving builder1 out")
 
+
+def slot_held(host: str, slot: int) -> bool:
+    """Does something (the dispatcher) hold this slot in Nix's load accounting?"""
+    lock = f"/nix/var/nix/current-load/ssh-ng:__nixfarm@{host}-{slot}"
+    return client.execute(f"flock --nonblock {lock} true")[0] != 0
+
+
+with subtest("the dispatcher holds builder1's slots, so hooks that still list it pass it by"):
+    # Nix's hook keeps the machines file it read at its start; the held locks are
+    # what it checks for every build (agent/nixfarm/slots.py).
+    for slot in (0, 1):  # farm.nix: maxJobs 2
+        check(slot_held("builder1", slot), f"builder1's slot {slot} is not held")
+    check(not slot_held("builder2", 0), "builder2's first slot is held on an idle farm")
+
 with subtest("builds still succeed, on builder2"):
     for n in range(3):
         out, build_log = build(client, derivation(client, f"failover-{n}", hello_script(f"build {n}")))
@@ -38,5 +52,6 @@ with subtest("builder1 comes back when its link is restored"):
     took = wait_listed(client, "builder1", listed=True, timeout=RETURN_WITHIN)
     client.log(f"builder1 was back in the machines file {took:.1f} s after its link came back")
     wait_healthy(client, "builder1", timeout=RETURN_WITHIN)
+    eventually("builder1's slots are let go", lambda: not slot_held("builder1", 0), timeout=30)
     out, build_log = build(client, derivation(client, "failover-after", hello_script("after")))
     check(built_on(build_log) in ("builder1", "builder2"), "the build after the return missed the farm")

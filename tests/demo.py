@@ -9,7 +9,9 @@ Both clients send N builds of S seconds at the same time while the live
 `nixfarm status` of the first client is shown; then a summary (builds per
 builder, makespan against the best possible), and everything is torn down,
 also on Ctrl-C. Each build holds one of its builder's slots while it works,
-so a builder really runs only that many at once (DESIGN.md).
+so a builder really runs only that many at once (DESIGN.md). Each client
+builds in its own store (`--store local?root=...`), as separate machines do:
+Nix counts a builder's load in the store's current-load directory.
 
 --static runs the same with the nix.dev tutorial's static machines file
 (every client lists every builder with maxJobs = its slots), for comparison.
@@ -36,7 +38,13 @@ from nixfarm.status import read_status, render, status_path
 
 BUILDERS = {"big": 4, "medium": 2, "small": 1}  # name -> build slots
 CLIENTS = ("alice", "bob")
-POLL = int(__import__("os").environ.get("NIXFARM_DEMO_POLL", "5"))
+# build-poll-interval: what the NixOS client module sets with the dispatcher (1),
+# Nix's default for the static file (5).
+POLL = {"dispatcher": 1, "static": 5}
+
+
+def client_store(farm: Farm, client: str) -> Path:
+    return farm.root / "clients" / client / "store"
 
 
 def start_farm(farm: Farm) -> dict[str, Builder]:
@@ -87,6 +95,8 @@ def machines_files(
             "2",
             "--backoff-base",
             "5",
+            "--current-load",
+            str(client_store(farm, client) / "nix/var/nix/current-load"),
         ]
         log = (farm.root / f"dispatch-{client}.log").open("wb")
         dispatchers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log))
@@ -118,17 +128,21 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
     with Farm() as farm:
         builders = start_farm(farm)
         files, dispatchers = machines_files(farm, builders, static)
-        client = Client(farm.root, poll_interval=POLL)
+        client = Client(farm.root, poll_interval=POLL["static" if static else "dispatcher"])
         started = time.monotonic()
         procs = {
             c: subprocess.Popen(
-                client.build_argv(
-                    f"@{files[c]}",
-                    f"{farm.id}{c}{secrets.token_hex(2)}",
-                    count=builds,
-                    seconds=seconds,
-                    slots=1,
-                ),
+                [
+                    *client.build_argv(
+                        f"@{files[c]}",
+                        f"{farm.id}{c}{secrets.token_hex(2)}",
+                        count=builds,
+                        seconds=seconds,
+                        slots=1,
+                    ),
+                    "--store",
+                    f"local?root={client_store(farm, c)}",
+                ],
                 env=client.env(),
                 text=True,
                 stdout=subprocess.PIPE,
@@ -146,7 +160,8 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
                         stdout, stderr = proc.communicate()
                         if proc.returncode != 0:
                             raise SystemExit(f"{c}'s builds failed:\n{stderr[-2000:]}")
-                        outputs[c] = stdout.split()
+                        # Paths in the client's store, which lives under its root.
+                        outputs[c] = [str(client_store(farm, c)) + p for p in stdout.split()]
                 show(files, started, done, static)
                 time.sleep(0.5)
         finally:

@@ -133,6 +133,42 @@ def test_a_full_store_that_does_not_recover_leaves_and_returns_after_gc(farm: Fa
         dispatcher.stop()
 
 
+def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> None:
+    """One slot, two clients: while bob builds there, alice's dispatcher holds the slot
+    back in her Nix's load accounting, and her waiting build goes when bob's ends."""
+    farm.add_client("alice")
+    bob_key = farm.add_client("bob")
+    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build"}, max_jobs=1)
+    dispatcher = Dispatcher(farm, [b])
+    nix = Client(farm.root, poll_interval=1)
+    bob_store = f"local?root={farm.root / 'clients' / 'bob' / 'store'}"  # bob is another machine
+    try:
+        dispatcher.wait("b1 listed", lambda: dispatcher.listed() == {"b1"})
+        bob_argv = nix.build_argv(b.machines_line(bob_key, max_jobs=1), count=1, seconds=8)
+        bob = subprocess.Popen([*bob_argv, "--store", bob_store], env=nix.env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        dispatcher.wait("bob's build seen", lambda: dispatcher.status()["b1"]["held_back"] == 1)
+        line = dispatcher.status()["b1"]["line"]
+        assert line.split()[3] == "1"  # the file still lists the capacity
+        alice = subprocess.Popen(nix.build_argv(f"@{dispatcher.machines}", count=1, seconds=1),
+                                 env=nix.env(), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            snap = dispatcher.status()["b1"]["snapshot"]
+            assert snap["builds"]["sessions_by_client"].get("alice", 0) == 0, snap["builds"]
+            assert alice.poll() is None
+            time.sleep(0.2)
+        _, bob_err = bob.communicate(timeout=60)
+        alice_out, alice_err = alice.communicate(timeout=60)
+        assert bob.returncode == 0, bob_err[-3000:]
+        assert alice.returncode == 0, alice_err[-3000:]
+        assert Path(alice_out.strip()).read_text().split()[-1] == "b1"
+        assert "waiting for a machine" in alice_err
+    finally:
+        dispatcher.stop()
+
+
 HOSTILE = {
     "garbage": "bad metrics: not ",  # not UTF-8 text / not JSON
     "truncated": "bad metrics: not JSON",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nixfarm.dispatch import BadSnapshot, BuilderState, Settings, claim, validate
-from nixfarm.inventory import Builder
+from nixfarm.inventory import Builder, Inventory
 
 
 def snap(capacity: int, active: int, sessions: dict[str, int] | None = None, psi: float = 0.0) -> dict:  # type: ignore[type-arg]
@@ -37,11 +37,38 @@ def test_one_free_slot_and_three_competitors_each_may_take_it() -> None:
     assert claim(snap(4, 3, {"bob": 2, "carol": 1}), "alice")[0] == 1
 
 
-def test_a_full_builder_gives_no_more_than_what_runs_but_never_zero() -> None:
-    # Nix's hook keeps its first view while it postpones: 0 would starve alice.
-    assert claim(snap(4, 4, {"bob": 4}), "alice")[0] == 1
+def test_a_full_builder_gives_no_more_than_what_runs() -> None:
+    assert claim(snap(4, 4, {"bob": 4}), "alice")[0] == 0
     assert claim(snap(4, 4, {"alice": 3, "bob": 1}), "alice")[0] == 3
     assert claim(snap(0, 0), "alice")[0] == 0  # max-jobs 0: not a builder
+
+
+def alice_with_one_builder(max_jobs: int = 2) -> Inventory:
+    b = {"name": "b", "host_name": "h", "systems": ["x86_64-linux"], "host_key": "ssh-ed25519 AAAA"}
+    data = {"client": {"name": "alice", "key_file": "/k"}, "builders": [{**b, "max_jobs": max_jobs}]}
+    return Inventory(data, "inventory")
+
+
+def test_the_file_lists_the_capacity_and_the_rest_is_held_back() -> None:
+    inventory = alice_with_one_builder()
+    state = BuilderState(inventory.builders[0])
+    state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
+    line = state.machines_line(inventory)
+    assert line is not None and line.split()[3] == "4"  # a hook that reads it once keeps it
+    assert state.held_back(inventory) == (4, 3)  # alice may take the 1 free slot
+    state.healthy(snap(4, 4, {"bob": 4}), now=2.0, grace=3.0)
+    assert state.held_back(inventory) == (4, 4)
+
+
+def test_a_builder_left_out_keeps_its_last_slots_held() -> None:
+    inventory = alice_with_one_builder(max_jobs=2)
+    state = BuilderState(inventory.builders[0])
+    state.listed_slots = 4  # its last line said 4
+    state.failed("down", "unreachable", Settings())
+    assert state.machines_line(inventory) is None
+    assert state.held_back(inventory) == (4, 4)  # hooks that read that line find it full
+    state.failed("degraded", "bad metrics", Settings())
+    assert state.held_back(inventory) == (2, 0)  # listed with the static values, as stock Nix
 
 
 def test_speed_falls_with_load_and_cpu_pressure() -> None:

@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="longest retry delay (default 1800)",
     )
+    p.add_argument(
+        "--current-load",
+        default="/nix/var/nix/current-load",
+        metavar="DIR",
+        help="where Nix's build hook counts each builder's load (the store's state directory "
+        "+ /current-load; default /nix/var/nix/current-load): the dispatcher holds back the slots "
+        "this client must leave to others there",
+    )
 
     p = sub.add_parser(
         "status",
@@ -401,6 +409,7 @@ def _print_plan(result: dict[str, Any]) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     from .dispatch import Settings, run_dispatch
     from .inventory import load_inventory
+    from .slots import SlotHolds, raise_open_file_limit
     from .status import status_path
 
     inventory = load_inventory(args.inventory)
@@ -413,7 +422,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     machines_dir = os.path.dirname(os.path.abspath(args.machines))
     if not os.access(machines_dir, os.W_OK):
         raise UsageError(f"--machines {args.machines}: cannot write in {machines_dir}")
-    return run_dispatch(inventory, args.machines, settings, status_path(args.machines))
+    try:
+        os.makedirs(args.current_load, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--current-load {args.current_load}: {(e.strerror or str(e)).lower()}") from None
+    if not os.access(args.current_load, os.W_OK):
+        raise UsageError(
+            f"--current-load {args.current_load}: cannot write there; run the dispatcher as the "
+            "user Nix builds as (root with nix-daemon)"
+        )
+    raise_open_file_limit()
+    holds = SlotHolds(args.current_load)
+    return run_dispatch(inventory, args.machines, settings, status_path(args.machines), holds)
 
 
 def main(argv: list[str] | None = None) -> int:

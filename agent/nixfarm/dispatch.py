@@ -4,7 +4,9 @@ One long-lived SSH session per builder runs `nixfarm stream` through the
 gateway, with the client's key and the builder's pinned host key (strict
 checking, as nix-daemon does). From each stream the dispatcher keeps a state:
 
-  healthy   fresh snapshots: listed with maxJobs and speedFactor from the load
+  healthy   fresh snapshots: listed with its capacity and a speedFactor from
+            the load; the slots this client must leave to others are held
+            back in Nix's own load accounting (slots.py)
   degraded  reachable, but its metrics cannot be trusted (garbage, a wrong
             schema, a stalled stream): listed with the inventory's static
             values, as stock Nix would list it
@@ -32,6 +34,7 @@ import asyncssh
 
 from .atomic import write_atomic
 from .inventory import Builder, Inventory
+from .slots import SlotHolds
 from .sshconn import connect_options
 
 SCHEMA = 1
@@ -108,7 +111,7 @@ def validate(line: bytes) -> dict[str, Any]:
 
 
 def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
-    """(maxJobs, speedFactor) this client writes for a healthy builder.
+    """(builds this client may run there now, speedFactor) for a healthy builder.
 
     capacity = the builder's max-jobs; free = capacity - builds running there
     from all clients. The free slots are shared among the clients that hold
@@ -116,11 +119,9 @@ def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
     already plus its share. If the share rounds to zero but slots are free,
     each competitor may take one: at most (competitors - 1) builds too many,
     seen and corrected at the next snapshot, one interval later.
-    maxJobs is never below 1 for a healthy builder: Nix's build hook reads the
-    machines file once when it starts and keeps that view for as long as it
-    answers "postpone" (it is replaced only after accepting a build), so a hook
-    that saw 0 everywhere would wait forever (measured: a client stuck "waiting
-    for a machine" on an idle farm, bench/bench_dispatch.py farm_full).
+    The allowance may be 0: it is enforced by held slot locks, which Nix's
+    hook checks for every build, not by the machines file, which a waiting
+    hook reads only once (a 0 there starved clients: bench/README.md).
     speedFactor (which free builder Nix prefers) grows with the free fraction
     and shrinks with CPU pressure.
     """
@@ -130,10 +131,10 @@ def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
     free = max(0, capacity - snap["builds"]["active"])
     competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
     share = free // competitors or (1 if free else 0)
-    max_jobs = max(1 if capacity else 0, min(capacity, mine + share))
+    allowed = min(capacity, mine + share)
     psi = ((snap.get("psi") or {}).get("cpu_some_avg10") or 0.0) / 100
     speed = 1 + round(99 * (free / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
-    return max_jobs, speed
+    return allowed, speed
 
 
 def min_free_of(snap: dict[str, Any]) -> int:
@@ -158,6 +159,7 @@ class BuilderState:
         self.retry_at = 0.0
         self.low_disk_since: float | None = None
         self.stalled = False  # degraded because the stream stalled: not listed
+        self.listed_slots = builder.max_jobs  # maxJobs of its last line in the file
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
@@ -186,15 +188,32 @@ class BuilderState:
         self.retry_at = time.monotonic() + delay
         return delay
 
+    def listed(self) -> bool:
+        return self.state != "down" and not self.stalled
+
     def machines_line(self, inventory: Inventory) -> str | None:
         """The line Nix sees for this builder now, or None when it is left out."""
         b = self.builder
-        if self.state == "down" or self.stalled:
+        if not self.listed():
             return None
         if self.state == "degraded" or self.snapshot is None:
             return b.machines_line(inventory.key_file, b.max_jobs, b.speed_factor)
-        max_jobs, speed = claim(self.snapshot, inventory.client_name)
-        return b.machines_line(inventory.key_file, max_jobs, speed)
+        _, speed = claim(self.snapshot, inventory.client_name)
+        return b.machines_line(inventory.key_file, self.snapshot["nix_config"]["max_jobs"], speed)
+
+    def held_back(self, inventory: Inventory) -> tuple[int, int]:
+        """(slots, how many of them to hold back from Nix) for this builder now.
+
+        A builder left out keeps all the slots of its last line held: a hook
+        that read the file before it left still has it in its list.
+        """
+        if not self.listed():
+            return self.listed_slots, self.listed_slots
+        if self.state == "degraded" or self.snapshot is None:
+            return self.builder.max_jobs, 0
+        capacity = self.snapshot["nix_config"]["max_jobs"]
+        allowed, _ = claim(self.snapshot, inventory.client_name)
+        return capacity, capacity - allowed
 
     def status(self, inventory: Inventory) -> dict[str, Any]:
         snap = self.snapshot or {}
@@ -205,6 +224,7 @@ class BuilderState:
             "last_seen": self.last_seen,
             "failures": self.failures,
             "line": self.machines_line(inventory),
+            "held_back": self.held_back(inventory)[1] if self.listed() else None,
             "snapshot": snap,
         }
 
@@ -213,9 +233,15 @@ class Dispatcher:
     """Runs one follower task per builder and rewrites the machines file."""
 
     def __init__(
-        self, inventory: Inventory, machines_path: str, settings: Settings, status_path: str
+        self,
+        inventory: Inventory,
+        machines_path: str,
+        settings: Settings,
+        status_path: str,
+        holds: SlotHolds,
     ) -> None:
         self.inventory = inventory
+        self.holds = holds
         self.machines_path = machines_path
         self.status_path = status_path
         self.settings = settings
@@ -231,6 +257,7 @@ class Dispatcher:
 
     def publish(self) -> None:
         """Rewrite the machines file if its content changed; always refresh the status."""
+        self.hold_slots()  # before the file lists more free slots than Nix may take
         content = self.machines_content()
         if content != self._written:
             write_atomic(self.machines_path, content.encode())
@@ -244,6 +271,14 @@ class Dispatcher:
             "builders": [s.status(self.inventory) for s in self.states.values()],
         }
         write_atomic(self.status_path, json.dumps(status).encode())
+
+    def hold_slots(self) -> None:
+        """Hold back, in Nix's load accounting, what this client must leave to others."""
+        for state in self.states.values():
+            slots, count = state.held_back(self.inventory)
+            if state.listed():
+                state.listed_slots = slots
+            self.holds.hold(state.builder.store_uri, slots, count)
 
     def _log_usable(self) -> None:
         """Log when the set of usable builders changes (not on every load change)."""
@@ -345,13 +380,15 @@ def _describe(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def run_dispatch(inventory: Inventory, machines_path: str, settings: Settings, status_path: str) -> int:
+def run_dispatch(
+    inventory: Inventory, machines_path: str, settings: Settings, status_path: str, holds: SlotHolds
+) -> int:
     """Entry point of `nixfarm dispatch`: runs until SIGTERM or SIGINT."""
     from . import logs
 
     logs.setup("nixfarm.dispatch", "nixfarm-dispatch")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every connection at INFO
-    dispatcher = Dispatcher(inventory, machines_path, settings, status_path)
+    dispatcher = Dispatcher(inventory, machines_path, settings, status_path, holds)
 
     async def main() -> None:
         task = asyncio.create_task(dispatcher.run())

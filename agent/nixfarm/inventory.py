@@ -62,6 +62,11 @@ class Builder:
         """The host key as Nix's machines file wants it."""
         return base64.b64encode(self.host_key.encode()).decode()
 
+    @property
+    def store_uri(self) -> str:
+        """How Nix names this builder: the machines file's first field."""
+        return f"{self.protocol}://{self.ssh_user}@{self.host_name}"
+
     def machines_line(self, key_file: str, max_jobs: int, speed_factor: int) -> str:
         """A line of Nix's machines file for this builder."""
 
@@ -70,7 +75,7 @@ class Builder:
 
         supported = sorted(set(self.features) | set(self.mandatory_features))
         return " ".join([
-            f"{self.protocol}://{self.ssh_user}@{self.host_name}",
+            self.store_uri,
             field(self.systems),
             key_file,
             str(max_jobs),

@@ -59,6 +59,8 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
             "state": b["state"],
             "reason": b.get("reason") or "",
             "jobs": f"{builds.get('active', '-')}/{cfg.get('max_jobs', '-')}",
+            # Slots of the line that this client's Nix finds taken: left to other clients.
+            "held back": "-" if b.get("held_back") is None else str(b["held_back"]),
             "load": f"{load['avg1']:.2f}" if "avg1" in load else "-",
             "cpu psi": f"{psi['cpu_some_avg10']:.1f}%" if "cpu_some_avg10" in psi else "-",
             "free disk": _gib(store.get("free_bytes")),
@@ -79,7 +81,9 @@ def render(status: dict[str, Any], now: float) -> Any:
     table = Table(title=f"nixfarm: builders of client {status.get('client', '?')} "
                   f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
     data = rows(status, now)
-    columns = ("builder", "state", "jobs", "load", "cpu psi", "free disk", "gc", "last seen", "reason")
+    columns = (
+        "builder", "state", "jobs", "held back", "load", "cpu psi", "free disk", "gc", "last seen", "reason"
+    )  # fmt: skip
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in data:

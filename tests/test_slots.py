@@ -1,0 +1,92 @@
+"""Holding back builder slots in Nix's own load accounting (nixfarm.slots)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import Client
+from farm import Farm
+from nixfarm.slots import SlotHolds, lock_prefixes, nix_base32
+
+URI = "ssh-ng://nixfarm@10.201.7.2"
+
+
+def test_nix_base32_matches_nix() -> None:
+    # `nix-hash --type sha256 --to-base32` of sha256("") (Nix's own test vector).
+    assert nix_base32(hashlib.sha256(b"").digest()) == "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+
+
+def test_lock_names_are_nix_and_lix_ones() -> None:
+    cppnix, lix = lock_prefixes(URI)
+    assert cppnix == "ssh-ng:__nixfarm@10.201.7.2"
+    assert lix == cppnix + "-" + nix_base32(hashlib.sha256(URI.encode()).digest())[:16]
+    long_uri = "ssh-ng://nixfarm@" + "b" * 80
+    assert len(lock_prefixes(long_uri)[1]) == 48 + 1 + 16
+
+
+def locked_elsewhere(path: Path) -> bool:
+    """Would Nix find this slot busy? (another open file description tries flock)"""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def busy(directory: Path, slots: int) -> list[int]:
+    prefix = lock_prefixes(URI)[0]
+    return [s for s in range(slots) if (directory / f"{prefix}-{s}").exists()
+            and locked_elsewhere(directory / f"{prefix}-{s}")]  # fmt: skip
+
+
+def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path) -> None:
+    holds = SlotHolds(str(tmp_path))
+    assert holds.hold(URI, 4, 3) == 3
+    assert busy(tmp_path, 4) == [1, 2, 3]  # Nix takes the lowest free slot: 0 is left to it
+    assert holds.hold(URI, 4, 1) == 1
+    assert busy(tmp_path, 4) == [3]
+    assert holds.hold(URI, 2, 2) == 2  # the capacity shrank: slot 3 is gone
+    assert busy(tmp_path, 4) == [0, 1]
+    holds.release_all()
+    assert busy(tmp_path, 4) == []
+
+
+def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path) -> None:
+    nix_fd = os.open(tmp_path / f"{lock_prefixes(URI)[0]}-3", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(nix_fd, fcntl.LOCK_EX)  # a running build's slot
+    holds = SlotHolds(str(tmp_path))
+    assert holds.hold(URI, 4, 4) == 3  # all but Nix's
+    os.close(nix_fd)  # the build ends
+    assert holds.hold(URI, 4, 4) == 4
+    assert busy(tmp_path, 4) == [0, 1, 2, 3]
+
+
+def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: Farm) -> None:
+    """Real Nix: a hook that started while the slots were held sees them let go."""
+    key = farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"}, max_jobs=2)
+    client = Client(farm.root, poll_interval=1)
+    holds = SlotHolds("/nix/var/nix/current-load")  # the host store's: `client` builds there
+    uri = f"ssh-ng://nixfarm@{b.address}"
+    assert holds.hold(uri, 2, 2) == 2
+    try:
+        proc = subprocess.Popen(client.build_argv(b.machines_line(key, max_jobs=2), count=1),
+                                env=client.env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        time.sleep(4)
+        assert proc.poll() is None, proc.communicate()
+        assert holds.hold(uri, 2, 1) == 1  # slot 0 is free again
+        out, err = proc.communicate(timeout=60)
+    finally:
+        holds.release_all()
+    assert proc.returncode == 0, err[-3000:]
+    assert Path(out.strip()).read_text().split()[-1] == "b1"
+    assert "waiting for a machine" in err  # Nix postponed it while every slot was held
