@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from nixfarm.dispatch import BadSnapshot, BuilderState, Settings, claim, validate
+from nixfarm.dispatch import BadSnapshot, BuilderState, Dispatcher, Settings, claim, validate
 from nixfarm.inventory import Builder, Inventory
+from nixfarm.slots import SlotHolds
 
 
 def snap(capacity: int, active: int, sessions: dict[str, int] | None = None, psi: float = 0.0) -> dict:  # type: ignore[type-arg]
@@ -120,3 +122,38 @@ def test_low_disk_leaves_only_after_the_grace_period() -> None:
     assert state.state == "down" and state.reason.startswith("disk critical: 1 MiB free")
     state.healthy(snap(2, 0), now=104.0, grace=3.0)
     assert state.state == "healthy" and state.reason == ""
+
+
+def test_status_rows_show_the_slots_held_back() -> None:
+    from nixfarm.status import rows
+
+    inventory = alice_with_one_builder()
+    state = BuilderState(inventory.builders[0])
+    state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
+    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
+    assert (row["jobs"], row["held back"], row["state"]) == ("3/4", "3", "healthy")
+    assert row["nix sees"].split()[3] == "4"
+    state.listed_slots = 4  # as the dispatcher records when it publishes that line
+    state.failed("down", "unreachable", Settings())
+    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
+    assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its last line's slots
+
+
+def test_publishing_holds_the_slots_before_the_file_offers_them(tmp_path: Path) -> None:
+    inventory = alice_with_one_builder(max_jobs=2)
+    holds = SlotHolds(str(tmp_path / "current-load"))
+    (tmp_path / "current-load").mkdir()
+    machines = str(tmp_path / "machines")
+    dispatcher = Dispatcher(inventory, machines, Settings(), str(tmp_path / "status.json"), holds)
+    state = dispatcher.states["b"]
+    state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
+    dispatcher.publish()
+    assert Path(machines).read_text().splitlines()[1].split()[3] == "4"
+    nix = SlotHolds(str(tmp_path / "current-load"))  # other open files, as Nix's hook has
+    assert nix.hold(state.builder.store_uri, 4, 4) == 1  # only the 1 free slot is left to alice
+    nix.release_all()
+    state.failed("down", "unreachable", Settings())
+    dispatcher.publish()
+    assert "ssh-ng://" not in Path(machines).read_text()
+    assert nix.hold(state.builder.store_uri, 4, 4) == 0  # a hook that still lists it finds it full
+    holds.release_all()

@@ -224,7 +224,7 @@ class BuilderState:
             "last_seen": self.last_seen,
             "failures": self.failures,
             "line": self.machines_line(inventory),
-            "held_back": self.held_back(inventory)[1] if self.listed() else None,
+            "held_back": self.held_back(inventory)[1],
             "snapshot": snap,
         }
 
