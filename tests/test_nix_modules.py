@@ -267,6 +267,9 @@ def test_client_dispatcher_unit(facts: dict[str, Any]) -> None:
         "/var/lib/nixfarm-client/machines",
     ]
     assert "nixfarm-seed-machines" in service["ExecStartPre"]
+    # It holds slot locks where Nix's build hook counts load (README "How Nix is told").
+    assert service["ReadWritePaths"] == ["/var/lib/nixfarm-client", "/nix/var/nix/current-load"]
+    assert "d /nix/var/nix/current-load 0755 root root - -" in facts["client"]["tmpfiles"]
     inventory = facts["client"]["inventory"]
     if inventory is not None:  # the JSON text, where pkgs.formats.json exposes it
         data = json.loads(inventory)
