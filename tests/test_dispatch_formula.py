@@ -157,3 +157,17 @@ def test_publishing_holds_the_slots_before_the_file_offers_them(tmp_path: Path) 
     assert "ssh-ng://" not in Path(machines).read_text()
     assert nix.hold(state.builder.store_uri, 4, 4) == 0  # a hook that still lists it finds it full
     holds.release_all()
+
+
+def test_a_current_load_that_cannot_be_written_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inventory = alice_with_one_builder()
+    holds = SlotHolds(str(tmp_path / "missing"))  # gone: every hold fails
+    dispatcher = Dispatcher(inventory, str(tmp_path / "machines"), Settings(), str(tmp_path / "s"), holds)
+    dispatcher.states["b"].healthy(snap(4, 4, {"bob": 4}), now=1.0, grace=3.0)
+    dispatcher.publish()
+    dispatcher.publish()
+    assert (tmp_path / "machines").read_text().count("ssh-ng://") == 1  # the file is still kept
+    warnings = [r.getMessage() for r in caplog.records if "cannot hold slots of b" in r.getMessage()]
+    assert len(warnings) == 1 and "missing" in warnings[0]

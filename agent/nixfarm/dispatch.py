@@ -248,6 +248,7 @@ class Dispatcher:
         self.states = {b.name: BuilderState(b) for b in inventory.builders}
         self._written: str | None = None
         self._usable: tuple[str, ...] | None = None
+        self._hold_problem = ""  # the last slot-holding failure logged (each once)
         self._changed = asyncio.Event()
 
     def machines_content(self) -> str:
@@ -278,7 +279,14 @@ class Dispatcher:
             slots, count = state.held_back(self.inventory)
             if state.listed():
                 state.listed_slots = slots
-            self.holds.hold(state.builder.store_uri, slots, count)
+            try:
+                self.holds.hold(state.builder.store_uri, slots, count)
+            except OSError as e:
+                # Nix then sees the builder's full capacity, as with a static file.
+                problem = f"cannot hold slots of {state.builder.name} in {self.holds.directory}: {e}"
+                if problem != self._hold_problem:
+                    log.warning("%s", problem)
+                self._hold_problem = problem
 
     def _log_usable(self) -> None:
         """Log when the set of usable builders changes (not on every load change)."""
