@@ -65,7 +65,7 @@ def test_the_file_lists_the_capacity_and_the_rest_is_held_back() -> None:
 def test_a_builder_left_out_keeps_its_last_slots_held() -> None:
     inventory = alice_with_one_builder(max_jobs=2)
     state = BuilderState(inventory.builders[0])
-    state.listed_slots = 4  # its last line said 4
+    state.healthy(snap(4, 0), now=1.0, grace=3.0)  # its last line said 4
     state.failed("down", "unreachable", Settings())
     assert state.machines_line(inventory) is None
     assert state.held_back(inventory) == (4, 4)  # hooks that read that line find it full
@@ -133,7 +133,6 @@ def test_status_rows_show_the_slots_held_back() -> None:
     (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
     assert (row["jobs"], row["held back"], row["state"]) == ("3/4", "3", "healthy")
     assert row["nix sees"].split()[3] == "4"
-    state.listed_slots = 4  # as the dispatcher records when it publishes that line
     state.failed("down", "unreachable", Settings())
     (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
     assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its last line's slots

@@ -159,7 +159,6 @@ class BuilderState:
         self.retry_at = 0.0
         self.low_disk_since: float | None = None
         self.stalled = False  # degraded because the stream stalled: not listed
-        self.listed_slots = builder.max_jobs  # maxJobs of its last line in the file
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
@@ -204,11 +203,14 @@ class BuilderState:
     def held_back(self, inventory: Inventory) -> tuple[int, int]:
         """(slots, how many of them to hold back from Nix) for this builder now.
 
-        A builder left out keeps all the slots of its last line held: a hook
-        that read the file before it left still has it in its list.
+        A builder left out keeps all the slots its last line can have had
+        held (the static maxJobs or the capacity last seen, whichever is
+        more): a hook that read the file before it left still lists it.
         """
         if not self.listed():
-            return self.listed_slots, self.listed_slots
+            seen = self.snapshot["nix_config"]["max_jobs"] if self.snapshot else 0
+            slots = max(self.builder.max_jobs, seen)
+            return slots, slots
         if self.state == "degraded" or self.snapshot is None:
             return self.builder.max_jobs, 0
         capacity = self.snapshot["nix_config"]["max_jobs"]
@@ -277,8 +279,6 @@ class Dispatcher:
         """Hold back, in Nix's load accounting, what this client must leave to others."""
         for state in self.states.values():
             slots, count = state.held_back(self.inventory)
-            if state.listed():
-                state.listed_slots = slots
             try:
                 self.holds.hold(state.builder.store_uri, slots, count)
             except OSError as e:
