@@ -4,40 +4,26 @@
 # keeps that file; this test is its timing on real VMs.
 { self }:
 let
-  builder = {
-    imports = [
-      self.nixosModules.builder
-      ./node.nix
-    ];
-    services.nixfarm.builder.enable = true;
-  };
+  node = import ./nodes.nix { inherit self; };
 in
 {
   nodes = {
-    client = {
-      imports = [
-        self.nixosModules.client
-        ./node.nix
+    client = node.client {
+      # Short timings, so the test takes seconds, not minutes: a snapshot
+      # every second, the link declared dead after 3 missed 1 s keepalives,
+      # retries after 5 s, then at most every 10 s (nixfarm dispatch --help).
+      dispatcher.extraArgs = [
+        "--interval"
+        "1"
+        "--keepalive"
+        "1"
+        "--backoff-base"
+        "5"
+        "--backoff-max"
+        "10"
       ];
-      services.nixfarm.client = {
-        enable = true;
-        sshKey = "/etc/nix/nixfarm_ed25519";
-        # Short timings, so the test takes seconds, not minutes: a snapshot
-        # every second, the link declared dead after 3 missed 1 s keepalives,
-        # retries after 5 s, then at most every 10 s (nixfarm dispatch --help).
-        dispatcher.extraArgs = [
-          "--interval"
-          "1"
-          "--keepalive"
-          "1"
-          "--backoff-base"
-          "5"
-          "--backoff-max"
-          "10"
-        ];
-      };
     };
-    builder1 = builder;
-    builder2 = builder;
+    builder1 = node.builder { };
+    builder2 = node.builder { };
   };
 }

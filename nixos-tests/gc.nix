@@ -3,28 +3,18 @@
 # first, a rooted path survives, and builds keep succeeding. An admin key
 # starts a pass on demand through the gateway and the agent's control socket.
 { self }:
+let
+  node = import ./nodes.nix { inherit self; };
+in
 {
   nodes = {
-    client = {
-      imports = [
-        self.nixosModules.client
-        ./node.nix
-      ];
-      services.nixfarm.client = {
-        enable = true;
-        sshKey = "/etc/nix/nixfarm_ed25519";
-        builders = [ "builder1" ];
-        # Only the builder's GC is under test: Nix's static machines file.
-        dispatcher.enable = false;
-      };
+    client = node.client {
+      builders = [ "builder1" ];
+      # Only the builder's GC is under test: Nix's static machines file.
+      dispatcher.enable = false;
     };
-    builder1 = {
-      imports = [
-        self.nixosModules.builder
-        ./node.nix
-      ];
-      services.nixfarm.builder = {
-        enable = true;
+    builder1 = node.builder {
+      builder = {
         # Nix's own min-free/max-free (nix.conf), far below the agent's: Nix
         # also collects inside a build below its min-free, and the pass this
         # test checks must be the agent's.
@@ -39,7 +29,7 @@
       # A small store: the writable layer of the VM's /nix/store is this tmpfs
       # (nixos/modules/virtualisation/qemu-vm.nix), and deleting a path built
       # in the VM frees its space there.
-      virtualisation.fileSystems."/nix/.rw-store".options = [ "size=384M" ];
+      machine.virtualisation.fileSystems."/nix/.rw-store".options = [ "size=384M" ];
     };
   };
 }

@@ -3,33 +3,21 @@
 # agent stay up, the next build succeeds, and the agent's metrics count the
 # OOM kill.
 { self }:
+let
+  node = import ./nodes.nix { inherit self; };
+in
 {
   nodes = {
-    client = {
-      imports = [
-        self.nixosModules.client
-        ./node.nix
-      ];
-      services.nixfarm.client = {
-        enable = true;
-        sshKey = "/etc/nix/nixfarm_ed25519";
-        builders = [ "builder1" ];
-        # Only the builder's memory cap is under test: Nix's static machines file.
-        dispatcher.enable = false;
-      };
+    client = node.client {
+      builders = [ "builder1" ];
+      # Only the builder's memory cap is under test: Nix's static machines file.
+      dispatcher.enable = false;
     };
-    builder1 = {
-      imports = [
-        self.nixosModules.builder
-        ./node.nix
-      ];
-      services.nixfarm.builder = {
-        enable = true;
-        # Far below the VM's memory: the kernel kills the build at the cap,
-        # in nix-daemon's cgroup, long before the machine runs short.
-        memoryMax = "256M";
-      };
-      virtualisation.memorySize = 1536;
+    builder1 = node.builder {
+      # Far below the VM's memory: the kernel kills the build at the cap,
+      # in nix-daemon's cgroup, long before the machine runs short.
+      builder.memoryMax = "256M";
+      machine.virtualisation.memorySize = 1536;
     };
   };
 }

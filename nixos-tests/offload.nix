@@ -3,28 +3,13 @@
 # over SSH with its key; `nixfarm status` shows both healthy.
 { self }:
 let
-  builder = {
-    imports = [
-      self.nixosModules.builder
-      ./node.nix
-    ];
-    services.nixfarm.builder.enable = true; # name: the node's host name
-  };
+  node = import ./nodes.nix { inherit self; };
 in
 {
   nodes = {
-    client = {
-      imports = [
-        self.nixosModules.client
-        ./node.nix
-      ];
-      services.nixfarm.client = {
-        enable = true;
-        sshKey = "/etc/nix/nixfarm_ed25519";
-        # The dispatcher is on by default: Nix reads its machines file.
-      };
-    };
-    builder1 = builder;
-    builder2 = builder;
+    # The dispatcher is on by default: Nix reads its machines file.
+    client = node.client { };
+    builder1 = node.builder { };
+    builder2 = node.builder { };
   };
 }
