@@ -15,10 +15,8 @@ Uses one harness builder (tests/farm.py) and tears it down on exit. See bench/RE
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -29,6 +27,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+from runinfo import check_clean, machine_info, other_farms  # noqa: E402
 
 import farm  # noqa: E402
 from nixfarm.config import AgentConfig  # noqa: E402
@@ -261,34 +261,6 @@ def add_forced_key(f: farm.Farm, b: farm.Builder, client: str, command: str) -> 
         keys.write(f'restrict,command="{command}" {pub}\n')
 
 
-def version_of(argv: list[str]) -> str:
-    """First line a program prints for its version (ssh prints on stderr)."""
-    out = subprocess.run(argv, check=False, capture_output=True, text=True)
-    return (out.stdout or out.stderr).strip().splitlines()[0]
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and when the numbers were taken."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nix": version_of(["nix", "--version"]),
-        "ssh": version_of(["ssh", "-V"]),
-    }
-
-
-def other_farms(own_id: str) -> set[str]:
-    """Network namespaces of other harness farms alive now (tests running alongside)."""
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {
-        line.split()[0]
-        for line in names.stdout.splitlines()
-        if line.startswith(farm.PREFIX) and not line.startswith(f"{farm.PREFIX}{own_id}-")
-    }
-
-
 def print_table(results: dict[str, Any]) -> None:
     """A short human-readable table of the results and their targets."""
     g, m, r = results["gateway"], results["metrics"], results["memory"]
@@ -319,15 +291,6 @@ def print_table(results: dict[str, Any]) -> None:
     ]
     for name, value, note in rows:
         print(f"{name:<30} {value:>10}  {note}")
-
-
-def check_clean(farm_id: str, timeout: float = 5) -> None:
-    """Raise unless the closed farm left nothing behind (the kernel may take a moment)."""
-    deadline = time.monotonic() + timeout
-    while left := farm.leftovers(farm_id):
-        if time.monotonic() > deadline:
-            raise farm.FarmError(f"farm {farm_id} left things behind: {', '.join(left)}")
-        time.sleep(0.1)
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -44,10 +44,8 @@ them (--max-wait) and records those it ran alongside. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import secrets
 import signal
@@ -62,6 +60,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+
+from runinfo import check_clean, machine_info, other_farms  # noqa: E402
 
 import farm  # noqa: E402
 from conftest import Client  # noqa: E402
@@ -178,16 +178,6 @@ def client_dir(f: farm.Farm, client: str) -> Path:
 def client_store(f: farm.Farm, client: str) -> Path:
     """The root of the client's own Nix store (own current-load, as a separate machine)."""
     return client_dir(f, client) / "store"
-
-
-def other_farms(own_id: str) -> set[str]:
-    """Network namespaces of other harness farms alive now (tests running alongside)."""
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {
-        line.split()[0]
-        for line in names.stdout.splitlines()
-        if line.startswith(farm.PREFIX) and not line.startswith(f"{farm.PREFIX}{own_id}-")
-    }
 
 
 def wait_for_quiet(own_id: str, max_wait: float) -> tuple[float, list[str]]:
@@ -692,28 +682,6 @@ def summarize(
     return result
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-
-    def version(argv: list[str]) -> str:
-        r = subprocess.run(argv, capture_output=True, text=True)
-        return ((r.stdout or r.stderr).strip().splitlines() or [""])[0]
-
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nix": version(["nix", "--version"]),
-        "ssh": version(["ssh", "-V"]),
-        # The dispatcher runs from this checkout: which commit, and whether its code was edited.
-        "commit": version(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]),
-        "agent_modified": bool(
-            version(["git", "-C", str(HERE.parent), "status", "--porcelain", "agent/nixfarm"])
-        ),
-    }
-
-
 def add_time_lost(rep: dict[str, dict[str, Any]]) -> None:
     """For `dies`: time lost against the same strategy's healthy `parallel` run of this repetition."""
     dies, healthy = rep.get("dies"), rep.get("parallel")
@@ -822,15 +790,6 @@ def run(names: list[str], strategies: list[str], reps: int, max_wait: float) -> 
         "summary": summary_table(results),
         "repetitions": results,
     }
-
-
-def check_clean(farm_id: str, timeout: float = 5) -> None:
-    """Raise unless the closed farm left nothing behind (the kernel may take a moment)."""
-    deadline = time.monotonic() + timeout
-    while left := farm.leftovers(farm_id):
-        if time.monotonic() > deadline:
-            raise farm.FarmError(f"farm {farm_id} left things behind: {', '.join(left)}")
-        time.sleep(0.1)
 
 
 def to_json(value: Any, level: int = 0, key: str = "") -> str:
