@@ -25,8 +25,8 @@ Strategies:
               machines file; the builds use `--builders @MACHINES` and
               build-poll-interval = 1, as the NixOS client module sets them
   +pollN      (either) the clients' build-poll-interval is N s instead of
-              static's 5 (Nix's default) or dispatch's 1
-  +shareall   (dispatch) an experiment: claim() lets a client take every free slot
+              static's 5 (Nix's default) or dispatch's 1 (the dispatchers are
+              told, with --build-poll-interval)
 
 Each client is its own Nix store (`--store local?root=...`), so it has its own
 /nix/var/nix/current-load, as separate client machines do: Nix counts a
@@ -71,22 +71,6 @@ BUILDERS = {"big": 4, "medium": 2, "small": 1}  # name -> slots (emulated cores)
 CLIENTS = ("alice", "bob", "carol")
 DISPATCH_TIMING = ["--interval", "1", "--keepalive", "1", "--backoff-base", "2"]
 QUEUED = 0.25  # waiting longer than this for a slot (tokens are polled every 0.05 s) = queued
-# The experiment "+shareall": `nixfarm dispatch` with the agent's claim() wrapped so that
-# a client may take every free slot of a builder, not its share of them (bench/README.md).
-SHAREALL_DISPATCHER = """
-import sys
-import nixfarm.dispatch as d
-from nixfarm.cli import main
-agent_claim = d.claim
-def claim(snap, me):
-    max_jobs, speed = agent_claim(snap, me)
-    capacity = snap["nix_config"]["max_jobs"]
-    mine = snap["builds"].get("sessions_by_client", {}).get(me, 0)
-    free = max(0, capacity - snap["builds"]["active"])
-    return max(max_jobs, min(capacity, mine + free)), speed
-d.claim = claim
-sys.exit(main(sys.argv[1:]))
-"""
 SAMPLE_EVERY = 0.2  # seconds between samples of the machines files and dispatcher status
 
 
@@ -239,7 +223,7 @@ def write_static(f: farm.Farm, builders: dict[str, farm.Builder], client: str) -
 class Dispatchers:
     """One `nixfarm dispatch` per client, each with its own inventory and machines file."""
 
-    def __init__(self, f: farm.Farm, builders: dict[str, farm.Builder], shareall: bool = False) -> None:
+    def __init__(self, f: farm.Farm, builders: dict[str, farm.Builder], poll: int) -> None:
         self.machines: dict[str, Path] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
@@ -252,8 +236,8 @@ class Dispatchers:
             inventory.write_text(json.dumps(data, indent=2))
             machines = client_dir(f, client) / "machines"
             machines.unlink(missing_ok=True)
-            program = [f.python, "-c", SHAREALL_DISPATCHER] if shareall else [f.nixfarm]
-            argv = [*program, "dispatch", "--inventory", str(inventory), "--machines", str(machines)]
+            argv = [f.nixfarm, "dispatch", "--inventory", str(inventory), "--machines", str(machines)]
+            argv += ["--build-poll-interval", str(poll)]
             argv += ["--current-load", str(client_store(f, client) / "nix/var/nix/current-load")]
             self.logs[client] = client_dir(f, client) / "dispatch.log"
             with self.logs[client].open("ab") as log:
@@ -447,7 +431,6 @@ class Strategy:
 
     base: str  # "static" or "dispatch"
     poll: int | None = None  # the clients' build-poll-interval (None: the strategy's own)
-    shareall: bool = False  # dispatch with claim() letting a client take every free slot
 
 
 def parse_strategy(name: str) -> Strategy:
@@ -455,22 +438,16 @@ def parse_strategy(name: str) -> Strategy:
 
     +pollN   the clients' build-poll-interval is N s (how often Nix asks its
              build hook again about a build it postponed; Nix's default is 5)
-    +shareall  (dispatch only) run the dispatcher with a claim() that lets
-             a client take every free slot of a builder (mine + free) instead
-             of its share of them: the agent's claim(), wrapped in the
-             dispatcher process only, as a proposal to measure
     """
     base, *options = name.split("+")
     strategy = Strategy(base)
     for option in options:
         if option.startswith("poll") and option[4:].isdigit():
             strategy.poll = int(option[4:])
-        elif option == "shareall" and base == "dispatch":
-            strategy.shareall = True
         else:
             raise SystemExit(f"unknown option {option!r} in strategy {name!r}")
     if base not in ("static", "dispatch"):
-        raise SystemExit(f"unknown strategy {name!r}: static or dispatch, optionally +pollN, +shareall")
+        raise SystemExit(f"unknown strategy {name!r}: static or dispatch, optionally +pollN")
     return strategy
 
 
@@ -486,7 +463,7 @@ def run_strategy(
         machines = {c: write_static(f, builders, c) for c in CLIENTS}
         listed_after = 0.0
     else:
-        dispatchers = Dispatchers(f, builders, how.shareall)
+        dispatchers = Dispatchers(f, builders, poll or 1)
         machines = dispatchers.machines
         listed_after = dispatchers.wait_all_listed(len(builders))
         time.sleep(2)  # a few snapshots of idle builders, as a running service would have

@@ -224,7 +224,7 @@ in
       builders = mkIf cfg.dispatcher.enable "@${cfg.dispatcher.machinesFile}";
       # A build the hook postpones (no slot it may use) is asked about again only
       # every build-poll-interval seconds (Nix's default: 5). The dispatcher's
-      # maxJobs postpones builds on purpose, so ask every second. Measured with
+      # held slots postpone builds on purpose, so ask every second. Measured with
       # bench/bench_dispatch.py (3 clients x 12 builds, one run, same formula
       # variant): 21.9 s -> 13.5 s; bench/results-dispatch-experiments.json.
       # Setting in Nix's libstore/globals.hh (pollInterval, "build-poll-interval").
@@ -287,6 +287,10 @@ in
             "/etc/nixfarm/inventory.json"
             "--machines"
             cfg.dispatcher.machinesFile
+            # How soon this client's Nix takes a freed slot: how many builds
+            # a builder may hold ahead (README "The formula").
+            "--build-poll-interval"
+            (toString config.nix.settings.build-poll-interval)
           ]
           ++ cfg.dispatcher.extraArgs
         );

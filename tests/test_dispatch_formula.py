@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nixfarm.dispatch import BadSnapshot, BuilderState, Dispatcher, Settings, claim, validate
+from nixfarm.dispatch import BadSnapshot, BuilderState, Dispatcher, Settings, claim, ending_soon, validate
 from nixfarm.inventory import Builder, Inventory
 from nixfarm.slots import SlotHolds
 
@@ -45,6 +45,42 @@ def test_a_full_builder_gives_no_more_than_what_runs() -> None:
     assert claim(snap(0, 0), "alice")[0] == 0  # max-jobs 0: not a builder
 
 
+def busy(capacity: int, ages: list[float], took: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
+    """A builder running builds of these ages, after builds that took `took` seconds."""
+    s = snap(capacity, len(ages), sessions)
+    s["builds"].update(ages_seconds=ages, finished_seconds=took)
+    return s
+
+
+def test_slots_about_to_free_are_expected_from_the_builders_recent_builds() -> None:
+    took = [2.0, 2.1, 2.2, 2.3]  # recent builds there took about 2 s
+    assert ending_soon(busy(4, [1.9, 1.5, 1.2, 1.0], took, {}), within=2.0) == 4
+    assert ending_soon(busy(4, [1.9, 1.5, 0.1, 0.0], took, {}), within=1.0) == 2
+    # Builds older than every recent one are unlike them: not expected to end.
+    assert ending_soon(busy(4, [30.0, 30.0, 30.0, 30.0], took, {}), within=2.0) == 0
+    # No history, nothing expected (the first builds on a builder).
+    assert ending_soon(busy(4, [1.9, 1.9, 1.9, 1.9], [], {}), within=2.0) == 0
+    # Only as many as it has slots: the others wait for one, they do not free one.
+    assert ending_soon(busy(2, [1.9, 1.9, 1.0, 1.0, 0.5], took, {}), within=2.0) == 2
+
+
+def test_a_builder_turning_short_builds_over_takes_some_ahead() -> None:
+    took = [2.0, 2.1, 2.2, 2.3]
+    # Full with bob's builds, 3 of them ending within alice's reaction: she may send 1,
+    # since bob competes for the 3 (3 // 2); without the look ahead she may send none.
+    full = busy(4, [1.9, 1.5, 1.2, 0.0], took, {"bob": 4})
+    assert claim(full, "alice", reaction=2.0)[0] == 1
+    assert claim(full, "alice", reaction=0.0)[0] == 0
+    # A builder busy with long builds takes nothing ahead: nothing parks behind them.
+    long = busy(4, [15.0, 15.0, 15.0, 15.0], [2.0, 2.1], {"bob": 4})
+    assert claim(long, "alice", reaction=2.0)[0] == 0
+    # Builds waiting there count: with 4 ending soon, 4 already waiting leave no room.
+    queued = busy(4, [1.9, 1.5, 1.2, 1.0, 0.5, 0.4, 0.3, 0.2], took, {"bob": 8})
+    assert claim(queued, "alice", reaction=2.0)[0] == 0
+    # What claim() offers never makes the speedFactor of a full builder look idle.
+    assert claim(full, "alice", reaction=2.0)[1] == 1
+
+
 def alice_with_one_builder(max_jobs: int = 2) -> Inventory:
     b = {"name": "b", "host_name": "h", "systems": ["x86_64-linux"], "host_key": "ssh-ed25519 AAAA"}
     data = {"client": {"name": "alice", "key_file": "/k"}, "builders": [{**b, "max_jobs": max_jobs}]}
@@ -53,7 +89,7 @@ def alice_with_one_builder(max_jobs: int = 2) -> Inventory:
 
 def test_the_file_lists_the_capacity_and_the_rest_is_held_back() -> None:
     inventory = alice_with_one_builder()
-    state = BuilderState(inventory.builders[0])
+    state = BuilderState(inventory.builders[0], reaction=2.0)
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
     line = state.machines_line(inventory)
     assert line is not None and line.split()[3] == "4"  # a hook that reads it once keeps it
@@ -64,7 +100,7 @@ def test_the_file_lists_the_capacity_and_the_rest_is_held_back() -> None:
 
 def test_a_builder_left_out_keeps_its_last_slots_held() -> None:
     inventory = alice_with_one_builder(max_jobs=2)
-    state = BuilderState(inventory.builders[0])
+    state = BuilderState(inventory.builders[0], reaction=2.0)
     state.healthy(snap(4, 0), now=1.0, grace=3.0)  # its last line said 4
     state.failed("down", "unreachable", Settings())
     assert state.machines_line(inventory) is None
@@ -92,6 +128,11 @@ def test_speed_falls_with_load_and_cpu_pressure() -> None:
         (json.dumps({"schema": 1}).encode(), "missing field"),
         (json.dumps({**snap(1, 0), "builds": {"active": -1}}).encode(), "non-negative"),
         (json.dumps({**snap(1, 0), "builds": {"active": True}}).encode(), "non-negative"),
+        (json.dumps(busy(1, [-1.0], [], {})).encode(), "seconds"),
+        (json.dumps(busy(1, [True], [], {})).encode(), "seconds"),
+        (json.dumps(busy(1, [], ["2"], {})).encode(), "seconds"),
+        (json.dumps({**snap(1, 0), "builds": {"active": 0, "ages_seconds": {}}}).encode(), "lists"),
+        (json.dumps(busy(1, [], [1.0] * 5000, {})).encode(), "lists of at most 4096"),
     ],
 )
 def test_bad_snapshots_say_what_is_wrong(line: bytes, reason: str) -> None:
@@ -110,7 +151,7 @@ def test_low_disk_leaves_only_after_the_grace_period() -> None:
     b = Builder(
         {"name": "b", "host_name": "h", "systems": ["x86_64-linux"], "host_key": "ssh-ed25519 AAAA"}, "b"
     )
-    state = BuilderState(b)
+    state = BuilderState(b, reaction=2.0)
     low = {
         **snap(2, 0),
         "store": {"free_bytes": 1 << 20, "total_bytes": 1 << 30},
@@ -128,7 +169,7 @@ def test_status_rows_show_the_slots_held_back() -> None:
     from nixfarm.status import rows
 
     inventory = alice_with_one_builder()
-    state = BuilderState(inventory.builders[0])
+    state = BuilderState(inventory.builders[0], reaction=2.0)
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
     (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
     assert (row["jobs"], row["held back"], row["state"]) == ("3/4", "3", "healthy")

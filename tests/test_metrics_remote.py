@@ -52,6 +52,46 @@ def test_active_builds_counts_real_builds_on_that_builder_only(farm: Farm, clien
     assert remote_metrics(farm, "watcher", b1)["builds"]["active"] == 0
 
 
+def test_stream_reports_ages_of_running_builds_and_durations_of_finished_ones(
+    farm: Farm, client: Client
+) -> None:
+    """What the dispatcher's queue estimate reads (dispatch.ending_soon), from real builds."""
+    key = farm.add_client("alice")
+    farm.add_client("watcher")
+    b1 = farm.add_builder("b1", clients={"alice": "build", "watcher": "metrics"})
+    client.build(b1.machines_line(key), kib=1)  # the store's first build: not the one measured
+    stream = subprocess.Popen(
+        [*farm.ssh_argv("watcher", b1), "nixfarm stream --interval 0.5"],
+        stdin=subprocess.PIPE,  # the stream ends when its stdin closes
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert stream.stdout is not None
+        line = stream.stdout.readline()
+        assert line, stream.communicate(timeout=10)[1]
+        first = json.loads(line)["builds"]
+        assert first["ages_seconds"] == [] and first["finished_seconds"] == []
+        build = client.build_argv(b1.machines_line(key, max_jobs=2), count=2, seconds=3)
+        subprocess.run(build, env=client.env(), check=True, capture_output=True, timeout=60)
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            seen.append(json.loads(stream.stdout.readline())["builds"])
+            if len(seen[-1]["finished_seconds"]) >= 2:
+                break
+    finally:
+        stream.kill()
+        stream.wait()
+    ran = [builds["ages_seconds"] for builds in seen if builds["ages_seconds"]]
+    assert not seen[-1]["ages_seconds"], seen[-1]
+    # Each build held its slot for 3 s; seen every 0.5 s, its end is known to +-0.25 s.
+    took = seen[-1]["finished_seconds"]
+    assert len(took) == 2 and all(2.7 <= t <= 4.5 for t in took), took
+    assert any(len(ages) == 2 for ages in ran), ran  # both ran at once, each seen with its age
+    assert all(0 <= age <= 4.5 for ages in ran for age in ages), ran
+
+
 def test_free_bytes_fall_by_the_size_of_a_new_path(farm: Farm, client: Client) -> None:
     key = farm.add_client("alice")
     b1 = farm.add_builder("b1", clients={"alice": "build"}, store_size="64m")

@@ -265,6 +265,8 @@ def test_client_dispatcher_unit(facts: dict[str, Any]) -> None:
         "/etc/nixfarm/inventory.json",
         "--machines",
         "/var/lib/nixfarm-client/machines",
+        "--build-poll-interval",
+        "1",
     ]
     assert "nixfarm-seed-machines" in service["ExecStartPre"]
     # It holds slot locks where Nix's build hook counts load (README "How Nix is told").

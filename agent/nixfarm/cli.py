@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest retry delay (default 1800)",
     )
     p.add_argument(
+        "--build-poll-interval",
+        type=_interval,
+        default=1.0,
+        metavar="S",
+        help="the client Nix's build-poll-interval (default 1, as the client module sets it): with "
+        "--interval, how far ahead the dispatcher looks for slots about to free up",
+    )
+    p.add_argument(
         "--current-load",
         default="/nix/var/nix/current-load",
         metavar="DIR",
@@ -418,6 +426,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         keepalive=args.keepalive,
         backoff_base=args.backoff_base,
         backoff_max=args.backoff_max,
+        build_poll_interval=args.build_poll_interval,
     )
     machines_dir = os.path.dirname(os.path.abspath(args.machines))
     if not os.access(machines_dir, os.W_OK):

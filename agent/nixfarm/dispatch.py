@@ -39,6 +39,7 @@ from .sshconn import connect_options
 
 SCHEMA = 1
 MAX_LINE = 1 << 20  # a snapshot is ~1.5 KiB; a megabyte is hostile
+MAX_BUILDS = 4096  # entries in a snapshot's lists of build times
 STATUS_NAME = "dispatch-status.json"
 
 log = logging.getLogger("nixfarm.dispatch")
@@ -56,8 +57,11 @@ class Settings:
         backoff_factor: float = 3.0,
         backoff_max: float = 1800.0,
         disk_grace: float | None = None,
+        build_poll_interval: float = 1.0,
     ) -> None:
         self.interval = interval
+        # The client Nix's build-poll-interval: how often it asks again for a postponed build.
+        self.build_poll_interval = build_poll_interval
         self.keepalive = keepalive
         self.keepalive_count = keepalive_count
         self.backoff_base = backoff_base
@@ -65,6 +69,15 @@ class Settings:
         self.backoff_max = backoff_max
         # How long a store may stay below min-free before the builder leaves the file.
         self.disk_grace = 3 * interval if disk_grace is None else disk_grace
+
+    @property
+    def reaction(self) -> float:
+        """The longest a slot freed on a builder can wait for this client's next build.
+
+        The dispatcher sees the slot free at the next snapshot, and the
+        client's Nix asks again at its next poll of postponed builds.
+        """
+        return self.interval + self.build_poll_interval
 
     @property
     def stall_timeout(self) -> float:
@@ -101,39 +114,72 @@ def validate(line: bytes) -> dict[str, Any]:
             snap["store"]["total_bytes"],
         ]
         sessions = snap["builds"].get("sessions_by_client", {})
+        history = [snap["builds"].get(k, []) for k in ("ages_seconds", "finished_seconds")]
     except (KeyError, TypeError) as e:
         raise BadSnapshot(f"missing field {e}") from None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in checks):
         raise BadSnapshot("max_jobs, active builds and store sizes must be non-negative integers")
     if not isinstance(sessions, dict) or not all(isinstance(v, int) for v in sessions.values()):
         raise BadSnapshot("builds.sessions_by_client must map client names to counts")
+    for times in history:
+        if not isinstance(times, list) or len(times) > MAX_BUILDS:
+            raise BadSnapshot(f"builds.ages_seconds and finished_seconds: lists of at most {MAX_BUILDS}")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e9 for t in times):
+            raise BadSnapshot("builds.ages_seconds and finished_seconds must hold seconds (numbers >= 0)")
     return snap
 
 
-def claim(snap: dict[str, Any], me: str) -> tuple[int, int]:
+def ending_soon(snap: dict[str, Any], within: float) -> int:
+    """How many of a builder's running builds will likely end within `within` seconds.
+
+    Judged from the builds that finished there recently: a build that has run
+    `age` seconds ends within `within` as often as the recent builds that
+    ran longer than `age` ended by `age + within`. A build older than every
+    recent one is unlike them and counts as not ending; with no recent
+    builds, nothing is expected to end. Only the `capacity` oldest builds
+    count: the others wait for a slot (or share one), they do not free one.
+    """
+    took = snap["builds"].get("finished_seconds", [])
+    ages = sorted(snap["builds"].get("ages_seconds", []), reverse=True)[: snap["nix_config"]["max_jobs"]]
+    expected = 0.0
+    for age in ages:
+        longer = [t for t in took if t > age]
+        if longer:
+            expected += sum(1 for t in longer if t <= age + within) / len(longer)
+    return round(expected)
+
+
+def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, int]:
     """(builds this client may run there now, speedFactor) for a healthy builder.
 
-    capacity = the builder's max-jobs; free = capacity - builds running there
-    from all clients. The free slots are shared among the clients that hold
-    build sessions there now (plus this one); this client may run what it runs
-    already plus its share. If the share rounds to zero but slots are free,
-    each competitor may take one: at most (competitors - 1) builds too many,
-    seen and corrected at the next snapshot, one interval later.
+    capacity = the builder's max-jobs; active = builds there from all
+    clients. A builder may hold, beyond its capacity, as many builds as slots
+    will likely free within one `reaction` of the clients (ending_soon): they
+    wait there and start the moment a slot frees, where a build waiting on
+    its client starts only at the client's next poll. A builder busy with
+    long builds gets none, so nothing parks behind them.
+    free = capacity + that many - active, shared among the clients that hold
+    build sessions there now (plus this one); this client may run what it
+    runs already plus its share. If the share rounds to zero but slots are
+    free, each competitor may take one: at most (competitors - 1) builds too
+    many, seen and corrected at the next snapshot, one interval later.
     The allowance may be 0: it is enforced by held slot locks, which Nix's
     hook checks for every build, not by the machines file, which a waiting
     hook reads only once (a 0 there starved clients: bench/README.md).
-    speedFactor (which free builder Nix prefers) grows with the free fraction
-    and shrinks with CPU pressure.
+    speedFactor (which builder Nix prefers) grows with the idle fraction and
+    shrinks with CPU pressure.
     """
     capacity = snap["nix_config"]["max_jobs"]
     sessions = snap["builds"].get("sessions_by_client", {})
     mine = sessions.get(me, 0)
-    free = max(0, capacity - snap["builds"]["active"])
+    active = snap["builds"]["active"]
+    free = max(0, capacity + ending_soon(snap, reaction) - active)
     competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
     share = free // competitors or (1 if free else 0)
     allowed = min(capacity, mine + share)
     psi = ((snap.get("psi") or {}).get("cpu_some_avg10") or 0.0) / 100
-    speed = 1 + round(99 * (free / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
+    idle = max(0, capacity - active)
+    speed = 1 + round(99 * (idle / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
     return allowed, speed
 
 
@@ -149,8 +195,9 @@ def min_free_of(snap: dict[str, Any]) -> int:
 class BuilderState:
     """What the dispatcher knows of one builder."""
 
-    def __init__(self, builder: Builder) -> None:
+    def __init__(self, builder: Builder, reaction: float) -> None:
         self.builder = builder
+        self.reaction = reaction  # Settings.reaction: how far ahead claim() looks
         self.state = "down"
         self.reason = "not connected yet"
         self.snapshot: dict[str, Any] | None = None
@@ -197,7 +244,7 @@ class BuilderState:
             return None
         if self.state == "degraded" or self.snapshot is None:
             return b.machines_line(inventory.key_file, b.max_jobs, b.speed_factor)
-        _, speed = claim(self.snapshot, inventory.client_name)
+        _, speed = claim(self.snapshot, inventory.client_name, self.reaction)
         return b.machines_line(inventory.key_file, self.snapshot["nix_config"]["max_jobs"], speed)
 
     def held_back(self, inventory: Inventory) -> tuple[int, int]:
@@ -214,7 +261,7 @@ class BuilderState:
         if self.state == "degraded" or self.snapshot is None:
             return self.builder.max_jobs, 0
         capacity = self.snapshot["nix_config"]["max_jobs"]
-        allowed, _ = claim(self.snapshot, inventory.client_name)
+        allowed, _ = claim(self.snapshot, inventory.client_name, self.reaction)
         return capacity, capacity - allowed
 
     def status(self, inventory: Inventory) -> dict[str, Any]:
@@ -247,7 +294,7 @@ class Dispatcher:
         self.machines_path = machines_path
         self.status_path = status_path
         self.settings = settings
-        self.states = {b.name: BuilderState(b) for b in inventory.builders}
+        self.states = {b.name: BuilderState(b, settings.reaction) for b in inventory.builders}
         self._written: str | None = None
         self._usable: tuple[str, ...] | None = None
         self._hold_problem = ""  # the last slot-holding failure logged (each once)

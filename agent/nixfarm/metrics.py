@@ -18,6 +18,7 @@ import os
 import pwd
 import socket
 import time
+from collections import deque
 from typing import Any
 
 from . import cgroups, version
@@ -105,28 +106,79 @@ def build_user_uids(group: str) -> frozenset[int]:
     return frozenset(uids)
 
 
-def count_active_builds(build_uids: frozenset[int], proc: str = "/proc") -> int:
-    """How many builds run now, from the processes the machine really has.
+def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int, int]:
+    """The builds running now: build user -> when its oldest process started.
 
     Nix runs each build under its own build user (or its own block of
-    auto-allocated UIDs) and kills every process of that user when the build
-    ends, so the number of distinct build users with a process is the number
-    of builds running.
+    auto-allocated UIDs, keyed here as a negative number) and kills every
+    process of that user when the build ends, so the distinct build users
+    with a process are the builds running. The start time (clock ticks since
+    boot, /proc/PID/stat field 22) tells a build from the next one that
+    reuses its build user.
     """
-    active: set[int] = set()
+    builds: dict[int, int] = {}
     with os.scandir(proc) as entries:
         for entry in entries:
             if not entry.name.isdigit():
                 continue
             try:
                 uid = entry.stat(follow_symlinks=False).st_uid
-            except OSError:  # the process exited while we looked
+                if uid in build_uids:
+                    key = uid
+                elif uid >= AUTO_UID_START:
+                    key = -1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK
+                else:
+                    continue
+                with open(f"{proc}/{entry.name}/stat", "rb") as f:
+                    # After the command name, which may hold spaces and ')'.
+                    started = int(f.read().rpartition(b")")[2].split()[19])
+            except (OSError, IndexError, ValueError):  # the process exited while we looked
                 continue
-            if uid in build_uids:
-                active.add(uid)
-            elif uid >= AUTO_UID_START:
-                active.add(-1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK)
-    return len(active)
+            builds[key] = min(started, builds.get(key, started))
+    return builds
+
+
+def count_active_builds(build_uids: frozenset[int], proc: str = "/proc") -> int:
+    """How many builds run now (see running_builds)."""
+    return len(running_builds(build_uids, proc))
+
+
+class BuildHistory:
+    """How long the running builds have run, and how long recent ones took.
+
+    A dispatcher uses both to guess how many slots free up soon (README: "The
+    dispatcher"). A build counts as finished at the first look that misses
+    it; it ended between that look and the one before, so its duration is
+    taken at the midpoint: at most half a stream interval off.
+    """
+
+    KEEP = 64  # finished builds remembered, the most recent ones
+    KEEP_FOR = 600.0  # seconds: what ran ten minutes ago says little about now
+
+    def __init__(self, build_uids: frozenset[int], proc: str = "/proc") -> None:
+        self._build_uids = build_uids
+        self._proc = proc
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._running: dict[tuple[int, int], float] = {}  # (build user, start) -> last seen
+        self._finished: deque[tuple[float, float]] = deque(maxlen=self.KEEP)  # (ended, seconds)
+
+    def look(self) -> dict[str, Any]:
+        """The snapshot's `builds` numbers now: active, ages_seconds, finished_seconds."""
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock /proc start times count on
+        builds = running_builds(self._build_uids, self._proc)
+        running = {(key, started): now for key, started in builds.items()}
+        for build, last_seen in self._running.items():
+            if build not in running:
+                self._finished.append((now, (last_seen + now) / 2 - build[1] / self._tick))
+        self._running = running
+        while self._finished and now - self._finished[0][0] > self.KEEP_FOR:
+            self._finished.popleft()
+        ages = sorted((now - started / self._tick for _, started in running), reverse=True)
+        return {
+            "active": len(running),
+            "ages_seconds": [round(max(0.0, age), 2) for age in ages],
+            "finished_seconds": [round(max(0.0, took), 2) for _, took in self._finished],
+        }
 
 
 SESSION_PROGRAMS = ("nix-daemon", "nix-store")
@@ -244,6 +296,7 @@ class Collector:
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self.build_uids = build_user_uids(config.build_users_group)
+        self._builds = BuildHistory(self.build_uids)
         self._memory = cgroups.DaemonMemoryReader(config.nix_daemon_unit)
         try:
             self._network: NetworkCounters | None = NetworkCounters(config.network_interfaces)
@@ -276,7 +329,7 @@ class Collector:
             "store": store,
             "nix_daemon_memory": memory,
             "builds": {
-                "active": count_active_builds(self.build_uids),
+                **self._builds.look(),
                 "sessions_by_client": sessions_by_client(),
             },
             "nix_config": {
