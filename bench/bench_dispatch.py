@@ -149,10 +149,18 @@ def start_farm(f: farm.Farm) -> dict[str, farm.Builder]:
     for client in CLIENTS:
         f.add_client(client)
     roles = dict.fromkeys(CLIENTS, "build")
-    return {
-        name: f.add_builder(name, clients=roles, max_jobs=slots, slots=slots, store_size="128m")
+    builders = {
+        name: f.add_builder(
+            name, clients=roles, max_jobs=slots, slots=slots, store_size="128m", agent_config={"min_free": 0}
+        )
         for name, slots in BUILDERS.items()
     }
+    # Each builder runs the agent service, as in production (its GC off: the
+    # stores never fill here). Its record of the builds that finished there
+    # lasts from one run to the next, as on a farm in use.
+    for b in builders.values():
+        f.start_agent(b, "--interval", "1")
+    return builders
 
 
 def client_dir(f: farm.Farm, client: str) -> Path:

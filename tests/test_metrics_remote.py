@@ -92,6 +92,27 @@ def test_stream_reports_ages_of_running_builds_and_durations_of_finished_ones(
     assert all(0 <= age <= 4.5 for ages in ran for age in ages), ran
 
 
+def test_the_agent_service_keeps_finished_builds_for_later_streams(farm: Farm, client: Client) -> None:
+    key = farm.add_client("alice")
+    farm.add_client("watcher")
+    roles = {"alice": "build", "watcher": "metrics"}
+    b1 = farm.add_builder("b1", clients=roles, agent_config={"min_free": 0})
+    assert remote_metrics(farm, "watcher", b1)["builds"]["finished_seconds"] == []
+    agent = farm.start_agent(b1, "--interval", "1")
+    try:
+        result = client.build(b1.machines_line(key), seconds=2)
+        assert result.returncode == 0, result.stderr
+        took: list[float] = []
+        deadline = time.monotonic() + 5
+        while not took and time.monotonic() < deadline:  # the agent looks every second
+            took = remote_metrics(farm, "watcher", b1)["builds"]["finished_seconds"]
+    finally:
+        assert farm.stop_agent(b1, agent) == 0
+    # One call, no stream of its own: what it reports is the agent's record. The build
+    # slept 2 s; the agent looks every second, so its end is known to +-0.5 s.
+    assert len(took) == 1 and 1.5 <= took[0] <= 3.5, took
+
+
 def test_free_bytes_fall_by_the_size_of_a_new_path(farm: Farm, client: Client) -> None:
     key = farm.add_client("alice")
     b1 = farm.add_builder("b1", clients={"alice": "build"}, store_size="64m")

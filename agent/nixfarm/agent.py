@@ -18,7 +18,7 @@ from typing import Any
 from . import control, logs
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
-from .metrics import Collector, count_active_builds, read_store_fs
+from .metrics import BuildHistory, Collector, read_store_fs
 from .notify import notify, watchdog_interval
 from .usage import UsageRecords, paths_in_use
 
@@ -36,6 +36,7 @@ class Agent:
         self.interval = interval
         self.log = logs.setup("nixfarm.agent", "nixfarm-agent")
         self.collector = Collector(config)
+        self.builds = BuildHistory(self.collector.build_uids)
         self.usage = UsageRecords(config.state_dir, config.store_dir)
         self.usage.load()
         self.gc = GarbageCollector(config, self.usage)
@@ -128,14 +129,19 @@ class Agent:
         )
 
     def _sample_usage(self) -> float:
-        """Record what running builds use; returns seconds until the next sample.
+        """Record what running builds use, and which builds ended; returns seconds until the next sample.
 
         Sampled at the same rate when idle, or the first seconds of a build
         would go unseen; with no build running only the temp roots are read.
         """
         uids = self.collector.build_uids
-        active = count_active_builds(uids) > 0
+        active = self.builds.look()["active"] > 0
         self.usage.record(paths_in_use(uids if active else frozenset()))
+        if self.builds.unsaved:
+            try:
+                self.builds.save(self.config.state_dir)
+            except OSError as e:  # streams then go by what they saw themselves
+                self.log.warning("cannot record finished builds in %s: %s", self.config.state_dir, e)
         return self.config.usage_sample_interval
 
     def _check_free_space(self) -> float:

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 from . import cgroups, version
+from .atomic import write_atomic
 from .config import AgentConfig
 from .errors import EnvironmentProblem
 from .nixconf import NixSettings, load_nix_settings
@@ -138,9 +139,7 @@ def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int,
     return builds
 
 
-def count_active_builds(build_uids: frozenset[int], proc: str = "/proc") -> int:
-    """How many builds run now (see running_builds)."""
-    return len(running_builds(build_uids, proc))
+BUILDS_RECORD = "builds.json"  # in the agent's state_dir: builds that finished, as it saw them
 
 
 class BuildHistory:
@@ -149,7 +148,10 @@ class BuildHistory:
     A dispatcher uses both to guess how many slots free up soon (README: "The
     dispatcher"). A build counts as finished at the first look that misses
     it; it ended between that look and the one before, so its duration is
-    taken at the midpoint: at most half a stream interval off.
+    taken at the midpoint: at most half an interval off. The agent service
+    looks every second and keeps what it saw in its state directory
+    (`save`), so that a stream started later knows the builder's recent
+    builds too (`read_builds_record`).
     """
 
     KEEP = 64  # finished builds remembered, the most recent ones
@@ -161,6 +163,7 @@ class BuildHistory:
         self._tick = os.sysconf("SC_CLK_TCK")
         self._running: dict[tuple[int, int], float] = {}  # (build user, start) -> last seen
         self._finished: deque[tuple[float, float]] = deque(maxlen=self.KEEP)  # (ended, seconds)
+        self.unsaved = False  # a build finished since the last save()
 
     def look(self) -> dict[str, Any]:
         """The snapshot's `builds` numbers now: active, ages_seconds, finished_seconds."""
@@ -169,9 +172,10 @@ class BuildHistory:
         running = {(key, started): now for key, started in builds.items()}
         for build, last_seen in self._running.items():
             if build not in running:
-                self._finished.append((now, (last_seen + now) / 2 - build[1] / self._tick))
+                self._finished.append((time.time(), (last_seen + now) / 2 - build[1] / self._tick))
+                self.unsaved = True
         self._running = running
-        while self._finished and now - self._finished[0][0] > self.KEEP_FOR:
+        while self._finished and time.time() - self._finished[0][0] > self.KEEP_FOR:
             self._finished.popleft()
         ages = sorted((now - started / self._tick for _, started in running), reverse=True)
         return {
@@ -179,6 +183,28 @@ class BuildHistory:
             "ages_seconds": [round(max(0.0, age), 2) for age in ages],
             "finished_seconds": [round(max(0.0, took), 2) for _, took in self._finished],
         }
+
+    def save(self, state_dir: str) -> None:
+        """Keep the finished builds where streams read them (atomically; readable by all)."""
+        record = [[round(ended, 2), round(max(0.0, took), 2)] for ended, took in self._finished]
+        write_atomic(os.path.join(state_dir, BUILDS_RECORD), json.dumps({"finished": record}).encode())
+        self.unsaved = False
+
+
+def read_builds_record(state_dir: str) -> list[float] | None:
+    """Durations of the builds the agent saw finish in the last KEEP_FOR seconds.
+
+    None when there is no record (no agent service, or an unreadable or
+    malformed file): the stream then goes by what it saw itself.
+    """
+    try:
+        with open(os.path.join(state_dir, BUILDS_RECORD)) as f:
+            record = json.loads(f.read(1 << 16))["finished"]
+        since = time.time() - BuildHistory.KEEP_FOR
+        took = [float(t) for ended, t in record[-BuildHistory.KEEP :] if float(ended) >= since]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [t for t in took if 0 <= t < 1e9] or None
 
 
 SESSION_PROGRAMS = ("nix-daemon", "nix-store")
@@ -329,7 +355,7 @@ class Collector:
             "store": store,
             "nix_daemon_memory": memory,
             "builds": {
-                **self._builds.look(),
+                **self._look_at_builds(),
                 "sessions_by_client": sessions_by_client(),
             },
             "nix_config": {
@@ -341,6 +367,14 @@ class Collector:
             "network": self._network.read() if self._network else None,
             "gc": {**read_gc_state(self.config.state_dir), **gc_limits(self.config, store, nix)},
         }
+
+    def _look_at_builds(self) -> dict[str, Any]:
+        """The running builds as seen now; the finished ones as the agent service saw them, if it runs."""
+        builds = self._builds.look()
+        record = read_builds_record(self.config.state_dir)
+        if record is not None:
+            builds["finished_seconds"] = record
+        return builds
 
     def take_warnings(self) -> list[str]:
         """Warnings not reported before: a stream says each problem once, not every interval."""

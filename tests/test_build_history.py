@@ -1,0 +1,81 @@
+"""The builds a builder runs and has finished, as snapshots report them (metrics.BuildHistory).
+
+A fake /proc stands in for the process table here so that starts and ends
+can be placed exactly; tests/test_metrics_remote.py checks the same against
+real builds on the harness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from nixfarm.metrics import BUILDS_RECORD, BuildHistory, read_builds_record
+
+BUILD_USER = 30001
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def started_ago(seconds: float) -> int:
+    """A /proc start time (clock ticks since boot) `seconds` ago."""
+    return int((time.clock_gettime(time.CLOCK_BOOTTIME) - seconds) * TICK)
+
+
+def put_process(proc: Path, pid: int, uid: int, start: int) -> None:
+    """A /proc/PID whose owner and stat field 22 (start time) are these."""
+    d = proc / str(pid)
+    d.mkdir()
+    fields = ["S", *["0"] * 18, str(start), "0"]  # fields 3..23; field 22 is the start
+    (d / "stat").write_text(f"{pid} (sh) S) {' '.join(fields)}\n")  # a ')' in the name too
+    os.chown(d, uid, -1)
+
+
+def remove_process(proc: Path, pid: int) -> None:
+    (proc / str(pid) / "stat").unlink()
+    (proc / str(pid)).rmdir()
+
+
+def test_a_build_user_reused_by_the_next_build_counts_as_two_builds(tmp_path: Path) -> None:
+    history = BuildHistory(frozenset({BUILD_USER}), proc=str(tmp_path))
+    put_process(tmp_path, 100, BUILD_USER, started_ago(5.0))
+    put_process(tmp_path, 101, BUILD_USER, started_ago(1.0))  # a child of the same build
+    put_process(tmp_path, 102, 0, started_ago(9.0))  # not a build user's
+    first = history.look()
+    assert first["active"] == 1 and first["finished_seconds"] == []
+    assert 4.5 <= first["ages_seconds"][0] <= 5.5  # the build's age is its oldest process's
+    remove_process(tmp_path, 100)
+    remove_process(tmp_path, 101)
+    put_process(tmp_path, 103, BUILD_USER, started_ago(0.0))  # the next build, same user
+    second = history.look()
+    assert second["active"] == 1 and second["ages_seconds"][0] < 1.0
+    assert len(second["finished_seconds"]) == 1 and 4.5 <= second["finished_seconds"][0] <= 6.0
+    assert history.unsaved
+
+
+def test_the_record_the_agent_saves_is_what_a_later_stream_reads(tmp_path: Path) -> None:
+    proc, state = tmp_path / "proc", tmp_path / "state"
+    proc.mkdir()
+    state.mkdir()
+    assert read_builds_record(str(state)) is None  # no agent: the stream goes by its own
+    history = BuildHistory(frozenset({BUILD_USER}), proc=str(proc))
+    put_process(proc, 100, BUILD_USER, started_ago(3.0))
+    history.look()
+    remove_process(proc, 100)
+    took = history.look()["finished_seconds"]
+    history.save(str(state))
+    assert not history.unsaved
+    assert read_builds_record(str(state)) == took
+    assert (state / BUILDS_RECORD).stat().st_mode & 0o777 == 0o644  # streams run as the builder user
+
+
+def test_old_or_broken_records_are_no_record(tmp_path: Path) -> None:
+    path = tmp_path / BUILDS_RECORD
+    path.write_text(json.dumps({"finished": [[time.time() - 700, 2.0]]}))  # ended 11 minutes ago
+    assert read_builds_record(str(tmp_path)) is None
+    for broken in ("{trunc", "[]", '{"finished": [["x", 2.0]]}', '{"finished": [[1, 2, 3]]}'):
+        path.write_text(broken)
+        assert read_builds_record(str(tmp_path)) is None, broken
+    path.write_text(json.dumps({"finished": [[time.time(), -1.0], [time.time(), 2.5]]}))
+    assert read_builds_record(str(tmp_path)) == [2.5]  # a negative duration is dropped
