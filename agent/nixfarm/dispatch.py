@@ -132,21 +132,22 @@ def validate(line: bytes) -> dict[str, Any]:
 def ending_soon(snap: dict[str, Any], within: float) -> int:
     """How many of a builder's running builds will likely end within `within` seconds.
 
-    Judged from the builds that finished there recently: a build that has run
-    `age` seconds ends within `within` as often as the recent builds that
-    ran longer than `age` ended by `age + within`. A build older than every
-    recent one is unlike them and counts as not ending; with no recent
-    builds, nothing is expected to end. Only the `capacity` oldest builds
-    count: the others wait for a slot (or share one), they do not free one.
+    A build is expected to take as long as the builder's typical recent
+    build: the lower quartile of the recent durations, because a duration
+    also counts the time a build waited for a core, and a few long ones must
+    not make every build look long. It ends soon if that end is no more than
+    `within` away. A build already older than the typical one is overdue:
+    it may be a long build, and a build sent behind it could wait for all of
+    it (bench/README.md, long_first), so it counts as not ending. With no
+    recent builds nothing is expected to end. Only the `capacity` oldest
+    builds count: the others wait for a slot (or share one), they free none.
     """
-    took = snap["builds"].get("finished_seconds", [])
+    took = sorted(snap["builds"].get("finished_seconds", []))
+    if not took:
+        return 0
+    typical = took[len(took) // 4]
     ages = sorted(snap["builds"].get("ages_seconds", []), reverse=True)[: snap["nix_config"]["max_jobs"]]
-    expected = 0.0
-    for age in ages:
-        longer = [t for t in took if t > age]
-        if longer:
-            expected += sum(1 for t in longer if t <= age + within) / len(longer)
-    return round(expected)
+    return sum(1 for age in ages if typical - within <= age <= typical)
 
 
 def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, int]:
