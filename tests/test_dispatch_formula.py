@@ -45,42 +45,36 @@ def test_a_full_builder_gives_no_more_than_what_runs() -> None:
     assert claim(snap(0, 0), "alice")[0] == 0  # max-jobs 0: not a builder
 
 
-def busy(capacity: int, ages: list[float], took: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
-    """A builder running builds of these ages, after builds that took `took` seconds."""
-    s = snap(capacity, len(ages), sessions)
-    s["builds"].update(ages_seconds=ages, finished_seconds=took)
+def busy(capacity: int, active: int, ended_ago: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
+    """A builder with `active` builds, where builds of 2 s ended that many seconds ago."""
+    s = snap(capacity, active, sessions)
+    s["builds"].update(ages_seconds=[1.0] * active, finished=[[ago, 2.0] for ago in ended_ago])
     return s
 
 
-def test_slots_about_to_free_are_expected_from_the_builders_recent_builds() -> None:
-    took = [2.0, 2.1, 2.2, 2.3]  # recent builds there took about 2 s
-    assert ending_soon(busy(4, [1.9, 1.5, 1.2, 1.0], took, {}), within=2.0) == 4
-    assert ending_soon(busy(4, [1.9, 1.5, 0.1, 0.0], took, {}), within=1.0) == 2
-    # Builds older than every recent one are unlike them: not expected to end.
-    assert ending_soon(busy(4, [30.0, 30.0, 30.0, 30.0], took, {}), within=2.0) == 0
-    # No history, nothing expected (the first builds on a builder).
-    assert ending_soon(busy(4, [1.9, 1.9, 1.9, 1.9], [], {}), within=2.0) == 0
-    # Durations stretched by waiting for a core do not make every build look long: a
-    # build older than the typical one (lower quartile) is overdue, maybe a long one.
-    stretched = [2.0, 2.1, 2.1, 2.2, 4.5, 5.0, 5.1, 6.5]
-    assert ending_soon(busy(1, [3.3], stretched, {}), within=2.0) == 0
-    assert ending_soon(busy(1, [1.0], stretched, {}), within=2.0) == 1
-    # Only as many as it has slots: the others wait for one, they do not free one.
-    assert ending_soon(busy(2, [1.9, 1.9, 1.0, 1.0, 0.5], took, {}), within=2.0) == 2
+def test_slots_about_to_free_are_as_many_as_freed_in_the_last_reaction() -> None:
+    assert ending_soon(busy(4, 4, [0.3, 0.8, 1.2, 1.9, 2.5, 9.0], {}), within=2.0) == 4
+    assert ending_soon(busy(4, 4, [0.3, 0.8, 1.2, 1.9, 2.5, 9.0], {}), within=1.0) == 2
+    # A builder busy with long builds: its short ones ended long ago, nothing ends soon.
+    assert ending_soon(busy(4, 4, [30.0, 30.1, 31.0], {}), within=2.0) == 0
+    # No record at all: nothing expected (a new builder, an agent without history).
+    assert ending_soon(busy(4, 4, [], {}), within=2.0) == 0
+    # At most what runs there now (an idle builder frees nothing) and its capacity.
+    assert ending_soon(busy(4, 1, [0.1, 0.2, 0.3], {}), within=2.0) == 1
+    assert ending_soon(busy(2, 5, [0.1, 0.2, 0.3, 0.4], {}), within=2.0) == 2
 
 
-def test_a_builder_turning_short_builds_over_takes_some_ahead() -> None:
-    took = [2.0, 2.1, 2.2, 2.3]
-    # Full with bob's builds, 3 of them ending within alice's reaction: she may send 1,
+def test_a_builder_turning_builds_over_takes_some_ahead() -> None:
+    # Full with bob's builds, 3 of which ended within alice's reaction: she may send 1,
     # since bob competes for the 3 (3 // 2); without the look ahead she may send none.
-    full = busy(4, [1.9, 1.5, 1.2, 0.0], took, {"bob": 4})
+    full = busy(4, 4, [0.5, 1.0, 1.5], {"bob": 4})
     assert claim(full, "alice", reaction=2.0)[0] == 1
     assert claim(full, "alice", reaction=0.0)[0] == 0
     # A builder busy with long builds takes nothing ahead: nothing parks behind them.
-    long = busy(4, [15.0, 15.0, 15.0, 15.0], [2.0, 2.1], {"bob": 4})
+    long = busy(4, 4, [25.0, 26.0], {"bob": 4})
     assert claim(long, "alice", reaction=2.0)[0] == 0
-    # Builds waiting there count: with 4 ending soon, 4 already waiting leave no room.
-    queued = busy(4, [1.9, 1.5, 1.2, 1.0, 0.5, 0.4, 0.3, 0.2], took, {"bob": 8})
+    # Builds waiting there count: with 4 freeing soon, 4 already waiting leave no room.
+    queued = busy(4, 8, [0.2, 0.5, 1.0, 1.5], {"bob": 8})
     assert claim(queued, "alice", reaction=2.0)[0] == 0
     # What claim() offers never makes the speedFactor of a full builder look idle.
     assert claim(full, "alice", reaction=2.0)[1] == 1
@@ -133,11 +127,12 @@ def test_speed_falls_with_load_and_cpu_pressure() -> None:
         (json.dumps({"schema": 1}).encode(), "missing field"),
         (json.dumps({**snap(1, 0), "builds": {"active": -1}}).encode(), "non-negative"),
         (json.dumps({**snap(1, 0), "builds": {"active": True}}).encode(), "non-negative"),
-        (json.dumps(busy(1, [-1.0], [], {})).encode(), "seconds"),
-        (json.dumps(busy(1, [True], [], {})).encode(), "seconds"),
-        (json.dumps(busy(1, [], ["2"], {})).encode(), "seconds"),
+        (json.dumps(busy(1, 1, [-1.0], {})).encode(), "pairs of numbers"),
+        (json.dumps(busy(1, 1, [True], {})).encode(), "pairs of numbers"),
+        (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [[1.0]]}}).encode(), "pairs"),
+        (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [["1", 2]]}}).encode(), "pairs"),
         (json.dumps({**snap(1, 0), "builds": {"active": 0, "ages_seconds": {}}}).encode(), "lists"),
-        (json.dumps(busy(1, [], [1.0] * 5000, {})).encode(), "lists of at most 4096"),
+        (json.dumps(busy(1, 1, [1.0] * 5000, {})).encode(), "at most 4096"),
     ],
 )
 def test_bad_snapshots_say_what_is_wrong(line: bytes, reason: str) -> None:

@@ -55,7 +55,7 @@ def test_active_builds_counts_real_builds_on_that_builder_only(farm: Farm, clien
 def test_stream_reports_ages_of_running_builds_and_durations_of_finished_ones(
     farm: Farm, client: Client
 ) -> None:
-    """What the dispatcher's queue estimate reads (dispatch.ending_soon), from real builds."""
+    """What the dispatcher's look-ahead reads (dispatch.ending_soon), from real builds."""
     key = farm.add_client("alice")
     farm.add_client("watcher")
     b1 = farm.add_builder("b1", clients={"alice": "build", "watcher": "metrics"})
@@ -71,14 +71,14 @@ def test_stream_reports_ages_of_running_builds_and_durations_of_finished_ones(
         line = stream.stdout.readline()
         assert line, stream.communicate(timeout=10)[1]
         first = json.loads(line)["builds"]
-        assert first["ages_seconds"] == [] and first["finished_seconds"] == []
+        assert first["ages_seconds"] == [] and first["finished"] == []
         build = client.build_argv(b1.machines_line(key, max_jobs=2), count=2, seconds=3)
         subprocess.run(build, env=client.env(), check=True, capture_output=True, timeout=60)
         seen = []
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             seen.append(json.loads(stream.stdout.readline())["builds"])
-            if len(seen[-1]["finished_seconds"]) >= 2:
+            if len(seen[-1]["finished"]) >= 2:
                 break
     finally:
         stream.kill()
@@ -86,8 +86,10 @@ def test_stream_reports_ages_of_running_builds_and_durations_of_finished_ones(
     ran = [builds["ages_seconds"] for builds in seen if builds["ages_seconds"]]
     assert not seen[-1]["ages_seconds"], seen[-1]
     # Each build held its slot for 3 s; seen every 0.5 s, its end is known to +-0.25 s.
-    took = seen[-1]["finished_seconds"]
+    took = [t for _, t in seen[-1]["finished"]]
     assert len(took) == 2 and all(2.7 <= t <= 4.5 for t in took), took
+    # Read at once: both ended within the last second or so (what ending_soon counts).
+    assert all(0 <= ago <= 1.5 for ago, _ in seen[-1]["finished"]), seen[-1]["finished"]
     assert any(len(ages) == 2 for ages in ran), ran  # both ran at once, each seen with its age
     assert all(0 <= age <= 4.5 for ages in ran for age in ages), ran
 
@@ -97,7 +99,7 @@ def test_the_agent_service_keeps_finished_builds_for_later_streams(farm: Farm, c
     farm.add_client("watcher")
     roles = {"alice": "build", "watcher": "metrics"}
     b1 = farm.add_builder("b1", clients=roles, agent_config={"min_free": 0})
-    assert remote_metrics(farm, "watcher", b1)["builds"]["finished_seconds"] == []
+    assert remote_metrics(farm, "watcher", b1)["builds"]["finished"] == []
     agent = farm.start_agent(b1, "--interval", "1")
     try:
         result = client.build(b1.machines_line(key), seconds=2)
@@ -105,7 +107,7 @@ def test_the_agent_service_keeps_finished_builds_for_later_streams(farm: Farm, c
         took: list[float] = []
         deadline = time.monotonic() + 5
         while not took and time.monotonic() < deadline:  # the agent looks every second
-            took = remote_metrics(farm, "watcher", b1)["builds"]["finished_seconds"]
+            took = [t for _, t in remote_metrics(farm, "watcher", b1)["builds"]["finished"]]
     finally:
         assert farm.stop_agent(b1, agent) == 0
     # One call, no stream of its own: what it reports is the agent's record. The build

@@ -114,40 +114,40 @@ def validate(line: bytes) -> dict[str, Any]:
             snap["store"]["total_bytes"],
         ]
         sessions = snap["builds"].get("sessions_by_client", {})
-        history = [snap["builds"].get(k, []) for k in ("ages_seconds", "finished_seconds")]
+        ages, finished = snap["builds"].get("ages_seconds", []), snap["builds"].get("finished", [])
     except (KeyError, TypeError) as e:
         raise BadSnapshot(f"missing field {e}") from None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in checks):
         raise BadSnapshot("max_jobs, active builds and store sizes must be non-negative integers")
     if not isinstance(sessions, dict) or not all(isinstance(v, int) for v in sessions.values()):
         raise BadSnapshot("builds.sessions_by_client must map client names to counts")
-    for times in history:
-        if not isinstance(times, list) or len(times) > MAX_BUILDS:
-            raise BadSnapshot(f"builds.ages_seconds and finished_seconds: lists of at most {MAX_BUILDS}")
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e9 for t in times):
-            raise BadSnapshot("builds.ages_seconds and finished_seconds must hold seconds (numbers >= 0)")
+    if not isinstance(ages, list) or not isinstance(finished, list):
+        raise BadSnapshot("builds.ages_seconds and builds.finished must be lists")
+    if len(ages) > MAX_BUILDS or len(finished) > MAX_BUILDS:
+        raise BadSnapshot(f"builds.ages_seconds and builds.finished: at most {MAX_BUILDS} entries")
+    pairs = all(isinstance(p, list) and len(p) == 2 for p in finished)
+    if not pairs or not all(_seconds(t) for t in [*ages, *(t for p in finished for t in p)]):
+        raise BadSnapshot("builds.finished must hold [seconds ago, seconds it ran] pairs of numbers >= 0")
     return snap
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9
 
 
 def ending_soon(snap: dict[str, Any], within: float) -> int:
     """How many of a builder's running builds will likely end within `within` seconds.
 
-    A build is expected to take as long as the builder's typical recent
-    build: the lower quartile of the recent durations, because a duration
-    also counts the time a build waited for a core, and a few long ones must
-    not make every build look long. It ends soon if that end is no more than
-    `within` away. A build already older than the typical one is overdue:
-    it may be a long build, and a build sent behind it could wait for all of
-    it (bench/README.md, long_first), so it counts as not ending. With no
-    recent builds nothing is expected to end. Only the `capacity` oldest
-    builds count: the others wait for a slot (or share one), they free none.
+    As many as ended there in the last `within` seconds: its slots turn over
+    at that pace now (Little's law). It is the pace of the builds running
+    now, not a guess from what builds took before: a builder busy with long
+    builds has no recent ends, however short its earlier builds were, so
+    nothing is sent to wait behind them (bench/README.md, long_first). At
+    most the builds running there now, and at most its capacity.
     """
-    took = sorted(snap["builds"].get("finished_seconds", []))
-    if not took:
-        return 0
-    typical = took[len(took) // 4]
-    ages = sorted(snap["builds"].get("ages_seconds", []), reverse=True)[: snap["nix_config"]["max_jobs"]]
-    return sum(1 for age in ages if typical - within <= age <= typical)
+    finished = snap["builds"].get("finished", [])
+    ended = sum(1 for ago, _ in finished if ago <= within)
+    return min(ended, snap["builds"]["active"], snap["nix_config"]["max_jobs"])
 
 
 def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, int]:

@@ -166,7 +166,7 @@ class BuildHistory:
         self.unsaved = False  # a build finished since the last save()
 
     def look(self) -> dict[str, Any]:
-        """The snapshot's `builds` numbers now: active, ages_seconds, finished_seconds."""
+        """The snapshot's `builds` numbers now: active, ages_seconds, finished."""
         now = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock /proc start times count on
         builds = running_builds(self._build_uids, self._proc)
         running = {(key, started): now for key, started in builds.items()}
@@ -181,7 +181,7 @@ class BuildHistory:
         return {
             "active": len(running),
             "ages_seconds": [round(max(0.0, age), 2) for age in ages],
-            "finished_seconds": [round(max(0.0, took), 2) for _, took in self._finished],
+            "finished": ended_ago(list(self._finished)),
         }
 
     def save(self, state_dir: str) -> None:
@@ -191,8 +191,14 @@ class BuildHistory:
         self.unsaved = False
 
 
-def read_builds_record(state_dir: str) -> list[float] | None:
-    """Durations of the builds the agent saw finish in the last KEEP_FOR seconds.
+def ended_ago(finished: list[tuple[float, float]]) -> list[list[float]]:
+    """(ended, took) pairs as the snapshot has them: [seconds since it ended, seconds it ran]."""
+    now = time.time()
+    return [[round(max(0.0, now - ended), 2), round(max(0.0, took), 2)] for ended, took in finished]
+
+
+def read_builds_record(state_dir: str) -> list[tuple[float, float]] | None:
+    """(ended, took) of the builds the agent saw finish in the last KEEP_FOR seconds.
 
     None when there is no record (no agent service, or an unreadable or
     malformed file): the stream then goes by what it saw itself.
@@ -201,10 +207,10 @@ def read_builds_record(state_dir: str) -> list[float] | None:
         with open(os.path.join(state_dir, BUILDS_RECORD)) as f:
             record = json.loads(f.read(1 << 16))["finished"]
         since = time.time() - BuildHistory.KEEP_FOR
-        took = [float(t) for ended, t in record[-BuildHistory.KEEP :] if float(ended) >= since]
+        finished = [(float(ended), float(took)) for ended, took in record[-BuildHistory.KEEP :]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return [t for t in took if 0 <= t < 1e9] or None
+    return [(ended, took) for ended, took in finished if ended >= since and 0 <= took < 1e9] or None
 
 
 SESSION_PROGRAMS = ("nix-daemon", "nix-store")
@@ -373,7 +379,7 @@ class Collector:
         builds = self._builds.look()
         record = read_builds_record(self.config.state_dir)
         if record is not None:
-            builds["finished_seconds"] = record
+            builds["finished"] = ended_ago(record)
         return builds
 
     def take_warnings(self) -> list[str]:
