@@ -172,8 +172,12 @@ def test_status_rows_show_the_slots_held_back() -> None:
     state = BuilderState(inventory.builders[0], reaction=2.0)
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
     (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
-    assert (row["jobs"], row["held back"], row["state"]) == ("3/4", "3", "healthy")
+    assert (row["jobs"], row["held back"], row["ahead"], row["state"]) == ("3/4", "3", "0", "healthy")
     assert row["nix sees"].split()[3] == "4"
+    # Two of bob's builds ended within alice's reaction: the builder takes 2 ahead.
+    state.healthy(busy(4, 4, [0.5, 1.0], {"bob": 4}), now=1.5, grace=3.0)
+    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
+    assert (row["jobs"], row["held back"], row["ahead"]) == ("4/4", "3", "2")
     state.failed("down", "unreachable", Settings())
     (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
     assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its last line's slots

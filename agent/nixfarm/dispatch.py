@@ -275,6 +275,8 @@ class BuilderState:
             "failures": self.failures,
             "line": self.machines_line(inventory),
             "held_back": self.held_back(inventory)[1],
+            # Builds it may take beyond its capacity now (claim()); only a healthy builder takes any.
+            "ahead": ending_soon(snap, self.reaction) if self.state == "healthy" and snap else 0,
             "snapshot": snap,
         }
 

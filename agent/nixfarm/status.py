@@ -61,6 +61,8 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
             "jobs": f"{builds.get('active', '-')}/{cfg.get('max_jobs', '-')}",
             # Slots of the line that this client's Nix finds taken: left to other clients.
             "held back": "-" if b.get("held_back") is None else str(b["held_back"]),
+            # Builds the builder may take beyond its capacity: its slots free up at that pace.
+            "ahead": str(b.get("ahead", "-")),
             "load": f"{load['avg1']:.2f}" if "avg1" in load else "-",
             "cpu psi": f"{psi['cpu_some_avg10']:.1f}%" if "cpu_some_avg10" in psi else "-",
             "free disk": _gib(store.get("free_bytes")),
@@ -82,7 +84,8 @@ def render(status: dict[str, Any], now: float) -> Any:
                   f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
     data = rows(status, now)
     columns = (
-        "builder", "state", "jobs", "held back", "load", "cpu psi", "free disk", "gc", "last seen", "reason"
+        "builder", "state", "jobs", "held back", "ahead", "load", "cpu psi", "free disk", "gc", "last seen",
+        "reason",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, overflow="fold")
