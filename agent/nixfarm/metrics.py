@@ -145,13 +145,13 @@ BUILDS_RECORD = "builds.json"  # in the agent's state_dir: builds that finished,
 class BuildHistory:
     """How long the running builds have run, and how long recent ones took.
 
-    A dispatcher uses both to guess how many slots free up soon (README: "The
-    dispatcher"). A build counts as finished at the first look that misses
-    it; it ended between that look and the one before, so its duration is
-    taken at the midpoint: at most half an interval off. The agent service
-    looks every second and keeps what it saw in its state directory
-    (`save`), so that a stream started later knows the builder's recent
-    builds too (`read_builds_record`).
+    A dispatcher counts the recent ends to see how fast a builder's slots
+    free up (README: "The formula"). A build counts as finished at the first
+    look that misses it; it ended between that look and the one before, so
+    its duration is taken at the midpoint: at most half an interval off. The
+    agent service looks every second and keeps what it saw in its state
+    directory (`save`), so that a stream started later knows the builder's
+    recent builds too (`read_builds_record`).
     """
 
     KEEP = 64  # finished builds remembered, the most recent ones
