@@ -18,7 +18,7 @@ from typing import Any
 from . import control, logs
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
-from .metrics import BuildHistory, Collector, read_store_fs
+from .metrics import Collector, read_store_fs
 from .notify import notify, watchdog_interval
 from .usage import UsageRecords, paths_in_use
 
@@ -36,7 +36,7 @@ class Agent:
         self.interval = interval
         self.log = logs.setup("nixfarm.agent", "nixfarm-agent")
         self.collector = Collector(config)
-        self.builds = BuildHistory(self.collector.build_uids)
+        self.builds = self.collector.builds  # the status line's snapshots look through it too
         self.usage = UsageRecords(config.state_dir, config.store_dir)
         self.usage.load()
         self.gc = GarbageCollector(config, self.usage)

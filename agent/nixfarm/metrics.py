@@ -328,7 +328,8 @@ class Collector:
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self.build_uids = build_user_uids(config.build_users_group)
-        self._builds = BuildHistory(self.build_uids)
+        # One record of builds per process: the agent's service loop looks through it too.
+        self.builds = BuildHistory(self.build_uids)
         self._memory = cgroups.DaemonMemoryReader(config.nix_daemon_unit)
         try:
             self._network: NetworkCounters | None = NetworkCounters(config.network_interfaces)
@@ -376,7 +377,7 @@ class Collector:
 
     def _look_at_builds(self) -> dict[str, Any]:
         """The running builds as seen now; the finished ones as the agent service saw them, if it runs."""
-        builds = self._builds.look()
+        builds = self.builds.look()
         record = read_builds_record(self.config.state_dir)
         if record is not None:
             builds["finished"] = ended_ago(record)
