@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="the builders as the dispatcher sees them",
         allow_abbrev=False,
-        description="Show each builder's state, reason, jobs, load, pressure, free disk, GC state, "
-        "when it was last seen and the line Nix currently sees for it.",
+        description="Show each builder's state, reason, jobs, the slots held back for other clients, "
+        "the builds it may take ahead, load, pressure, free disk, GC state, when it was last seen and "
+        "the line Nix currently sees for it.",
     )
     p.add_argument(
         "--machines",
@@ -245,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "agent",
         help="the builder service (sd_notify, watchdog)",
         allow_abbrev=False,
-        description="Run the builder agent: readiness and watchdog for systemd, "
-        "a status line, and (later) store GC.",
+        description="Run the builder agent: readiness and watchdog for systemd, a status line, "
+        "store GC between min-free and max-free, and a record of the builds that ended, for streams.",
     )
     p.add_argument(
         "--interval",
