@@ -27,6 +27,7 @@ Strategies:
   +pollN      (either) the clients' build-poll-interval is N s instead of
               static's 5 (Nix's default) or dispatch's 1 (the dispatchers are
               told, with --build-poll-interval)
+  +intervalS  (dispatch) the dispatchers' stream interval is S s instead of 1
 
 Each client is its own Nix store (`--store local?root=...`), so it has its own
 /nix/var/nix/current-load, as separate client machines do: Nix counts a
@@ -231,7 +232,9 @@ def write_static(f: farm.Farm, builders: dict[str, farm.Builder], client: str) -
 class Dispatchers:
     """One `nixfarm dispatch` per client, each with its own inventory and machines file."""
 
-    def __init__(self, f: farm.Farm, builders: dict[str, farm.Builder], poll: int) -> None:
+    def __init__(
+        self, f: farm.Farm, builders: dict[str, farm.Builder], poll: int, interval: float | None = None
+    ) -> None:
         self.machines: dict[str, Path] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
@@ -250,7 +253,9 @@ class Dispatchers:
             self.logs[client] = client_dir(f, client) / "dispatch.log"
             with self.logs[client].open("ab") as log:
                 self.procs[client] = subprocess.Popen(
-                    [*argv, *DISPATCH_TIMING], stdout=subprocess.DEVNULL, stderr=log
+                    [*argv, *DISPATCH_TIMING, *(["--interval", f"{interval:g}"] if interval else [])],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
                 )
             self.machines[client] = machines
 
@@ -439,6 +444,7 @@ class Strategy:
 
     base: str  # "static" or "dispatch"
     poll: int | None = None  # the clients' build-poll-interval (None: the strategy's own)
+    interval: float | None = None  # the dispatchers' stream interval (None: DISPATCH_TIMING's)
 
 
 def parse_strategy(name: str) -> Strategy:
@@ -446,17 +452,27 @@ def parse_strategy(name: str) -> Strategy:
 
     +pollN   the clients' build-poll-interval is N s (how often Nix asks its
              build hook again about a build it postponed; Nix's default is 5)
+    +intervalS  the dispatchers' stream interval is S s (dispatch only)
     """
     base, *options = name.split("+")
     strategy = Strategy(base)
     for option in options:
         if option.startswith("poll") and option[4:].isdigit():
             strategy.poll = int(option[4:])
+        elif option.startswith("interval") and _is_seconds(option[8:]):
+            strategy.interval = float(option[8:])
         else:
             raise SystemExit(f"unknown option {option!r} in strategy {name!r}")
     if base not in ("static", "dispatch"):
         raise SystemExit(f"unknown strategy {name!r}: static or dispatch, optionally +pollN")
     return strategy
+
+
+def _is_seconds(text: str) -> bool:
+    try:
+        return 0.05 <= float(text) <= 60
+    except ValueError:
+        return False
 
 
 def run_strategy(
@@ -471,7 +487,7 @@ def run_strategy(
         machines = {c: write_static(f, builders, c) for c in CLIENTS}
         listed_after = 0.0
     else:
-        dispatchers = Dispatchers(f, builders, poll or 1)
+        dispatchers = Dispatchers(f, builders, poll or 1, how.interval)
         machines = dispatchers.machines
         listed_after = dispatchers.wait_all_listed(len(builders))
         time.sleep(2)  # a few snapshots of idle builders, as a running service would have
