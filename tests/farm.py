@@ -38,6 +38,7 @@ from pyroute2 import IPRoute, NetNS, netns
 
 BUILDER_USER = "nixfarm"
 BUILDER_HOME = "/var/lib/nixfarm-builder"
+BUILD_USERS_GROUP = "nixbld"
 PREFIX = "nft"  # names of every netns, veth and cgroup the harness makes
 CGROUP_ROOT = "/sys/fs/cgroup"
 HERE = Path(__file__).resolve().parent
@@ -83,6 +84,22 @@ def ensure_builder_user() -> None:
     # sshd refuses locked accounts ('!' in /etc/shadow); '*' means "no password" instead.
     run(["usermod", "-p", "*", BUILDER_USER])
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+
+
+def ensure_build_users(count: int = 32) -> None:
+    """Nix's build users (group nixbld, users nixbld1..count), which every builder's
+    nix-daemon builds as. Debian's nix-setup-systemd makes them, but it pulls in
+    systemd, which this machine does not boot; the NixOS module gets them from nixpkgs."""
+    if subprocess.run(["getent", "group", BUILD_USERS_GROUP], capture_output=True).returncode != 0:
+        run(["groupadd", "--system", BUILD_USERS_GROUP])
+    for i in range(1, count + 1):
+        name = f"{BUILD_USERS_GROUP}{i}"
+        if subprocess.run(["getent", "passwd", name], capture_output=True).returncode == 0:
+            continue
+        # Nix takes the build users from the group's member list, so -G as well as -g.
+        group = BUILD_USERS_GROUP
+        run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/empty",
+             "--shell", "/usr/sbin/nologin", "-g", group, "-G", group, name])  # fmt: skip
 
 
 def memory_cgroup_kind() -> str:
@@ -175,6 +192,11 @@ class Farm:
         self.python = sys.executable
         self.nixfarm = str(Path(sys.executable).parent / "nixfarm")
         ensure_builder_user()
+        ensure_build_users()
+        # Each builder mounts its own tmpfs store and nix.conf over these, in its own mount
+        # namespace; Debian's nix-bin creates neither, Nix's first run only /nix.
+        for mount_point in ("/nix", "/etc/nix"):
+            os.makedirs(mount_point, mode=0o755, exist_ok=True)
 
     def __enter__(self) -> Farm:
         return self
@@ -304,7 +326,7 @@ class Farm:
         etc_nix.mkdir(mode=0o755)
         (etc_nix / "nix.conf").write_text(
             textwrap.dedent(f"""\
-            build-users-group = nixbld
+            build-users-group = {BUILD_USERS_GROUP}
             trusted-users = root {BUILDER_USER}
             max-jobs = {max_jobs}
             cores = 1
