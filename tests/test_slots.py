@@ -16,6 +16,13 @@ from nixfarm.slots import SlotHolds, lock_prefixes, nix_base32
 URI = "ssh-ng://nixfarm@10.201.7.2"
 
 
+def host_holds() -> SlotHolds:
+    """Holds in the host store's current-load, where `Client` builds (Nix makes the
+    directory at its first remote build; on a fresh machine there was none yet)."""
+    os.makedirs("/nix/var/nix/current-load", exist_ok=True)
+    return SlotHolds("/nix/var/nix/current-load")
+
+
 def test_nix_base32_matches_nix() -> None:
     # `nix-hash --type sha256 --to-base32` of sha256("") (Nix's own test vector).
     assert nix_base32(hashlib.sha256(b"").digest()) == "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
@@ -74,7 +81,7 @@ def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: 
     key = farm.add_client("alice")
     b = farm.add_builder("b1", clients={"alice": "build"}, max_jobs=2)
     client = Client(farm.root, poll_interval=1)
-    holds = SlotHolds("/nix/var/nix/current-load")  # the host store's: `client` builds there
+    holds = host_holds()
     uri = f"ssh-ng://nixfarm@{b.address}"
     assert holds.hold(uri, 2, 2) == 2
     try:
@@ -90,3 +97,24 @@ def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: 
     assert proc.returncode == 0, err[-3000:]
     assert Path(out.strip()).read_text().split()[-1] == "b1"
     assert "waiting for a machine" in err  # Nix postponed it while every slot was held
+
+
+def test_nix_sends_a_build_where_the_most_slots_are_free(farm: Farm) -> None:
+    """Real Nix: with equal maxJobs and speedFactor on every line, the hook takes the builder
+    whose line has the most slots it can lock (the dispatcher's way of steering it)."""
+    key = farm.add_client("alice")
+    b1, b2 = (farm.add_builder(n, clients={"alice": "build"}, max_jobs=3) for n in ("b1", "b2"))
+    client = Client(farm.root, poll_interval=1)
+    machines = "\n".join(b.machines_line(key, max_jobs=3) for b in (b1, b2))
+    holds = host_holds()
+    placed = []
+    try:
+        for held in ((2, 1), (1, 2)):  # b1 has 1 free slot and b2 2, then the other way round
+            for b, count in zip((b1, b2), held, strict=True):
+                holds.hold(f"ssh-ng://nixfarm@{b.address}", 3, count)
+            result = client.build(machines, count=1, seconds=0)
+            assert result.returncode == 0, result.stderr[-3000:]
+            placed.append(Path(result.stdout.strip()).read_text().split()[-1])
+    finally:
+        holds.release_all()
+    assert placed == ["b2", "b1"]
