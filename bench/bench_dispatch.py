@@ -28,6 +28,8 @@ Strategies:
               static's 5 (Nix's default) or dispatch's 1 (the dispatchers are
               told, with --build-poll-interval)
   +intervalS  (dispatch) the dispatchers' stream interval is S s instead of 1
+  +revREV     (dispatch) the dispatchers run the agent code of git commit REV
+              (the builders keep this tree's): two versions compared in one run
 
 Each client is its own Nix store (`--store local?root=...`), so it has its own
 /nix/var/nix/current-load, as separate client machines do: Nix counts a
@@ -233,7 +235,12 @@ class Dispatchers:
     """One `nixfarm dispatch` per client, each with its own inventory and machines file."""
 
     def __init__(
-        self, f: farm.Farm, builders: dict[str, farm.Builder], poll: int, interval: float | None = None
+        self,
+        f: farm.Farm,
+        builders: dict[str, farm.Builder],
+        poll: int,
+        interval: float | None = None,
+        rev: str | None = None,
     ) -> None:
         self.machines: dict[str, Path] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -247,7 +254,8 @@ class Dispatchers:
             inventory.write_text(json.dumps(data, indent=2))
             machines = client_dir(f, client) / "machines"
             machines.unlink(missing_ok=True)
-            argv = [f.nixfarm, "dispatch", "--inventory", str(inventory), "--machines", str(machines)]
+            argv = [*nixfarm_at(f, rev), "dispatch", "--inventory", str(inventory)]
+            argv += ["--machines", str(machines)]
             argv += ["--build-poll-interval", str(poll)]
             argv += ["--current-load", str(client_store(f, client) / "nix/var/nix/current-load")]
             self.logs[client] = client_dir(f, client) / "dispatch.log"
@@ -280,6 +288,21 @@ class Dispatchers:
         for client, proc in self.procs.items():
             if proc.wait(timeout=15) != 0:
                 print(f"  dispatcher of {client} exited {proc.returncode}", file=sys.stderr)
+
+
+def nixfarm_at(f: farm.Farm, rev: str | None) -> list[str]:
+    """The argv prefix that runs `nixfarm` from this tree, or from git commit `rev`
+    (its agent/ unpacked once per farm; this venv's dependencies)."""
+    if rev is None:
+        return [f.nixfarm]
+    tree = f.root / f"agent-{rev}"
+    if not tree.exists():
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", rev, "agent"],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        tree.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    code = "import sys; sys.path.insert(0, sys.argv.pop(1)); from nixfarm.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, str(tree / "agent")]
 
 
 def machines_lines(path: Path) -> list[list[str]]:
@@ -445,6 +468,7 @@ class Strategy:
     base: str  # "static" or "dispatch"
     poll: int | None = None  # the clients' build-poll-interval (None: the strategy's own)
     interval: float | None = None  # the dispatchers' stream interval (None: DISPATCH_TIMING's)
+    rev: str | None = None  # the git commit whose agent code the dispatchers run (None: this tree)
 
 
 def parse_strategy(name: str) -> Strategy:
@@ -453,12 +477,15 @@ def parse_strategy(name: str) -> Strategy:
     +pollN   the clients' build-poll-interval is N s (how often Nix asks its
              build hook again about a build it postponed; Nix's default is 5)
     +intervalS  the dispatchers' stream interval is S s (dispatch only)
+    +revREV  the dispatchers run the agent code of git commit REV (dispatch only)
     """
     base, *options = name.split("+")
     strategy = Strategy(base)
     for option in options:
         if option.startswith("poll") and option[4:].isdigit():
             strategy.poll = int(option[4:])
+        elif option.startswith("rev") and re.fullmatch(r"[0-9a-f]{7,40}", option[3:]):
+            strategy.rev = option[3:]
         elif option.startswith("interval") and _is_seconds(option[8:]):
             strategy.interval = float(option[8:])
         else:
@@ -487,7 +514,7 @@ def run_strategy(
         machines = {c: write_static(f, builders, c) for c in CLIENTS}
         listed_after = 0.0
     else:
-        dispatchers = Dispatchers(f, builders, poll or 1, how.interval)
+        dispatchers = Dispatchers(f, builders, poll or 1, how.interval, how.rev)
         machines = dispatchers.machines
         listed_after = dispatchers.wait_all_listed(len(builders))
         time.sleep(2)  # a few snapshots of idle builders, as a running service would have
