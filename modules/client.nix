@@ -46,6 +46,13 @@ let
     }) builders;
   };
   machinesDir = dirOf cfg.dispatcher.machinesFile;
+  seedMachines = pkgs.writeShellScript "nixfarm-seed-machines" ''
+    set -eu
+    tmp=$(${pkgs.coreutils}/bin/mktemp ${machinesDir}/.machines.XXXXXX)
+    ${pkgs.coreutils}/bin/cat /etc/nix/machines > "$tmp"
+    ${pkgs.coreutils}/bin/chmod 0644 "$tmp"
+    ${pkgs.coreutils}/bin/mv -f "$tmp" ${cfg.dispatcher.machinesFile}
+  '';
   builderNames = lib.concatStringsSep ", " (lib.attrNames farm.builders);
   isUnknown = name: !(farm.builders ? ${name});
   unknownBuilders = lib.concatStringsSep ", " (lib.filter isUnknown cfg.builders);
@@ -271,14 +278,12 @@ in
       restartTriggers = [ inventoryFile ];
       serviceConfig = {
         # Start from the static list: Nix has a valid machines file from the
-        # first moment, and keeps it if the dispatcher stops. Atomic (rename).
-        ExecStartPre = pkgs.writeShellScript "nixfarm-seed-machines" ''
-          set -eu
-          tmp=$(${pkgs.coreutils}/bin/mktemp ${machinesDir}/.machines.XXXXXX)
-          ${pkgs.coreutils}/bin/cat /etc/nix/machines > "$tmp"
-          ${pkgs.coreutils}/bin/chmod 0644 "$tmp"
-          ${pkgs.coreutils}/bin/mv -f "$tmp" ${cfg.dispatcher.machinesFile}
-        '';
+        # first moment. Atomic (rename).
+        ExecStartPre = seedMachines;
+        # And go back to it however the dispatcher stops (a crash included): its
+        # own lines are all as wide as the biggest builder and rely on the slot
+        # locks it holds, which end with it (README "How Nix is told").
+        ExecStopPost = seedMachines;
         ExecStart = lib.escapeShellArgs (
           [
             (lib.getExe cfg.package)

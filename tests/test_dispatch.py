@@ -23,9 +23,9 @@ HERE = Path(__file__).resolve().parent
 class Dispatcher:
     """A running `nixfarm dispatch` for client alice."""
 
-    def __init__(self, farm: Farm, builders: list[Builder]) -> None:
+    def __init__(self, farm: Farm, builders: list[Builder], static_max_jobs: int = 2) -> None:
         self.farm = farm
-        inventory = farm.write_inventory("alice", builders)
+        inventory = farm.write_inventory("alice", builders, max_jobs=static_max_jobs)
         self.machines = farm.root / "clients" / "alice" / "machines"
         timing = ["--interval", str(INTERVAL), "--keepalive", str(KEEPALIVE), "--backoff-base", str(BACKOFF)]
         argv = [farm.nixfarm, "dispatch", "--inventory", str(inventory), "--machines", str(self.machines)]
@@ -149,7 +149,7 @@ def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> No
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         dispatcher.wait("bob's build seen", lambda: dispatcher.status()["b1"]["held_back"] == 1)
         line = dispatcher.status()["b1"]["line"]
-        assert line.split()[3] == "1"  # the file still lists the capacity
+        assert line.split()[3] == "2"  # the file still lists the width (the inventory's max_jobs)
         alice = subprocess.Popen(nix.build_argv(f"@{dispatcher.machines}", count=1, seconds=1),
                                  env=nix.env(), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -167,6 +167,20 @@ def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> No
         assert "waiting for a machine" in alice_err
     finally:
         dispatcher.stop()
+
+
+def test_a_stopped_dispatcher_leaves_the_static_lines(farm: Farm) -> None:
+    """Its own lines are as wide as the biggest builder and rely on the locks it holds,
+    which end with it: it puts the inventory's static lines back as it stops."""
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"}, max_jobs=3)
+    dispatcher = Dispatcher(farm, [b], static_max_jobs=1)
+    dispatcher.wait("b1 listed", lambda: dispatcher.listed() == {"b1"})
+    assert dispatcher.status()["b1"]["line"].split()[3] == "3"  # its capacity, as the snapshot says
+    dispatcher.stop()
+    header, line = dispatcher.machines.read_text().splitlines()
+    assert header.startswith("# written by nixfarm dispatch as it stopped")
+    assert line.split()[3:5] == ["1", "1"]  # the inventory's max_jobs and speed_factor
 
 
 HOSTILE = {

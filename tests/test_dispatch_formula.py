@@ -1,4 +1,4 @@
-"""The dispatcher's pure parts: the maxJobs/speedFactor claim, snapshot checks, backoff."""
+"""The dispatcher's pure parts: the allowance (claim), the lines and holds, snapshot checks, backoff."""
 
 from __future__ import annotations
 
@@ -24,25 +24,24 @@ def snap(capacity: int, active: int, sessions: dict[str, int] | None = None, psi
 
 
 def test_an_idle_builder_is_all_mine() -> None:
-    assert claim(snap(4, 0), "alice") == (4, 100)
+    assert claim(snap(4, 0), "alice") == 4
 
 
 def test_free_slots_are_shared_among_the_clients_building_there() -> None:
     # bob builds 2 there; 2 slots left for alice and bob: alice may add 1.
-    max_jobs, _ = claim(snap(4, 2, {"bob": 2}), "alice")
-    assert max_jobs == 1
+    assert claim(snap(4, 2, {"bob": 2}), "alice") == 1
     # For bob, nobody else competes: its 2 and all 2 free.
-    assert claim(snap(4, 2, {"bob": 2}), "bob")[0] == 4
+    assert claim(snap(4, 2, {"bob": 2}), "bob") == 4
 
 
 def test_one_free_slot_and_three_competitors_each_may_take_it() -> None:
-    assert claim(snap(4, 3, {"bob": 2, "carol": 1}), "alice")[0] == 1
+    assert claim(snap(4, 3, {"bob": 2, "carol": 1}), "alice") == 1
 
 
 def test_a_full_builder_gives_no_more_than_what_runs() -> None:
-    assert claim(snap(4, 4, {"bob": 4}), "alice")[0] == 0
-    assert claim(snap(4, 4, {"alice": 3, "bob": 1}), "alice")[0] == 3
-    assert claim(snap(0, 0), "alice")[0] == 0  # max-jobs 0: not a builder
+    assert claim(snap(4, 4, {"bob": 4}), "alice") == 0
+    assert claim(snap(4, 4, {"alice": 3, "bob": 1}), "alice") == 3
+    assert claim(snap(0, 0), "alice") == 0  # max-jobs 0: not a builder
 
 
 def busy(capacity: int, active: int, ended_ago: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
@@ -68,16 +67,24 @@ def test_a_builder_turning_builds_over_takes_some_ahead() -> None:
     # Full with bob's builds, 3 of which ended within alice's reaction: she may send 1,
     # since bob competes for the 3 (3 // 2); without the look ahead she may send none.
     full = busy(4, 4, [0.5, 1.0, 1.5], {"bob": 4})
-    assert claim(full, "alice", reaction=2.0)[0] == 1
-    assert claim(full, "alice", reaction=0.0)[0] == 0
+    assert claim(full, "alice", reaction=2.0) == 1
+    assert claim(full, "alice", reaction=0.0) == 0
     # A builder busy with long builds takes nothing ahead: nothing parks behind them.
     long = busy(4, 4, [25.0, 26.0], {"bob": 4})
-    assert claim(long, "alice", reaction=2.0)[0] == 0
+    assert claim(long, "alice", reaction=2.0) == 0
     # Builds waiting there count: with 4 freeing soon, 4 already waiting leave no room.
     queued = busy(4, 8, [0.2, 0.5, 1.0, 1.5], {"bob": 8})
-    assert claim(queued, "alice", reaction=2.0)[0] == 0
-    # What claim() offers never makes the speedFactor of a full builder look idle.
-    assert claim(full, "alice", reaction=2.0)[1] == 1
+    assert claim(queued, "alice", reaction=2.0) == 0
+
+
+def inventory_of(*max_jobs: int, speed: tuple[int, ...] = ()) -> Inventory:
+    """alice's inventory: builders b0, b1, ... with these static max_jobs (and speed factors)."""
+    entries = [
+        {"name": f"b{i}", "host_name": f"h{i}", "systems": ["x86_64-linux"], "host_key": "ssh-ed25519 AAAA",
+         "max_jobs": jobs, "speed_factor": speed[i] if i < len(speed) else 1}
+        for i, jobs in enumerate(max_jobs)
+    ]  # fmt: skip
+    return Inventory({"client": {"name": "alice", "key_file": "/k"}, "builders": entries}, "inventory")
 
 
 def alice_with_one_builder(max_jobs: int = 2) -> Inventory:
@@ -86,35 +93,76 @@ def alice_with_one_builder(max_jobs: int = 2) -> Inventory:
     return Inventory(data, "inventory")
 
 
-def test_the_file_lists_the_capacity_and_the_rest_is_held_back() -> None:
-    inventory = alice_with_one_builder()
-    state = BuilderState(inventory.builders[0], reaction=2.0)
-    state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
-    line = state.machines_line(inventory)
-    assert line is not None and line.split()[3] == "4"  # a hook that reads it once keeps it
-    assert state.held_back(inventory) == (4, 3)  # alice may take the 1 free slot
-    state.healthy(snap(4, 4, {"bob": 4}), now=2.0, grace=3.0)
-    assert state.held_back(inventory) == (4, 4)
+def dispatcher_in(tmp_path: Path, inventory: Inventory) -> Dispatcher:
+    (tmp_path / "current-load").mkdir(exist_ok=True)
+    holds = SlotHolds(str(tmp_path / "current-load"))
+    return Dispatcher(inventory, str(tmp_path / "machines"), Settings(), str(tmp_path / "status.json"), holds)
 
 
-def test_a_builder_left_out_keeps_its_last_slots_held() -> None:
+def free_for_nix(d: Dispatcher, name: str) -> int:
+    """How many slots of `name`'s line Nix's hook would find free now (it opens the files itself)."""
+    nix = SlotHolds(d.holds.directory)
+    try:
+        return nix.hold(d.states[name].builder.store_uri, d.width(), d.width())
+    finally:
+        nix.release_all()
+
+
+def lines_of(d: Dispatcher) -> list[list[str]]:
+    return [
+        line.split() for line in Path(d.machines_path).read_text().splitlines() if not line.startswith("#")
+    ]
+
+
+def test_every_line_has_the_same_width_and_the_allowance_is_what_nix_finds_free(tmp_path: Path) -> None:
+    d = dispatcher_in(tmp_path, inventory_of(2, 1))
+    d.states["b0"].healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)  # alice may take 1 of 4
+    d.states["b1"].healthy(snap(1, 0), now=1.0, grace=3.0)  # idle, 1 slot: all alice's
+    d.publish()
+    # The widest capacity, on every line, and one speedFactor: Nix's hook then prefers
+    # the builder where the most of its slots are free, i.e. the biggest allowance.
+    assert [(f[3], f[4]) for f in lines_of(d)] == [("4", "1"), ("4", "1")]
+    assert (free_for_nix(d, "b0"), free_for_nix(d, "b1")) == (1, 1)
+    d.states["b0"].healthy(snap(4, 4, {"bob": 4}), now=2.0, grace=3.0)
+    d.publish()
+    assert free_for_nix(d, "b0") == 0
+    d.holds.release_all()
+
+
+def test_the_width_never_shrinks(tmp_path: Path) -> None:
+    # A hook that read a wider file must still find everything beyond each allowance held.
+    d = dispatcher_in(tmp_path, inventory_of(2, 2))
+    d.states["b0"].healthy(snap(8, 0), now=1.0, grace=3.0)
+    d.states["b1"].healthy(snap(2, 0), now=1.0, grace=3.0)
+    d.publish()
+    d.states["b0"].failed("down", "unreachable", Settings())
+    d.publish()
+    assert [f[3] for f in lines_of(d)] == ["8"]  # b1 alone, still 8 wide
+    assert free_for_nix(d, "b1") == 2 and free_for_nix(d, "b0") == 0
+    d.holds.release_all()
+
+
+def test_lines_go_faster_builders_first_then_bigger_ones(tmp_path: Path) -> None:
+    # Ties in free slots go to the earlier line, so that order is the preference.
+    d = dispatcher_in(tmp_path, inventory_of(1, 4, 2, 2, speed=(1, 1, 1, 3)))
+    d.publish()
+    for name in ("b0", "b1", "b2", "b3"):
+        d.states[name].state, d.states[name].reason = "degraded", "bad metrics"
+    d.publish()
+    hosts = [f[0].rsplit("@", 1)[-1] for f in lines_of(d)]
+    assert hosts == ["h3", "h1", "h2", "h0"]
+    d.holds.release_all()
+
+
+def test_degraded_builders_offer_their_static_slots_and_left_out_ones_none() -> None:
     inventory = alice_with_one_builder(max_jobs=2)
     state = BuilderState(inventory.builders[0], reaction=2.0)
-    state.healthy(snap(4, 0), now=1.0, grace=3.0)  # its last line said 4
-    state.failed("down", "unreachable", Settings())
-    assert state.machines_line(inventory) is None
-    assert state.held_back(inventory) == (4, 4)  # hooks that read that line find it full
+    state.healthy(snap(4, 0), now=1.0, grace=3.0)
+    assert state.allowance("alice") == 4
     state.failed("degraded", "bad metrics", Settings())
-    assert state.held_back(inventory) == (2, 0)  # listed with the static values, as stock Nix
-
-
-def test_speed_falls_with_load_and_cpu_pressure() -> None:
-    idle, half, pressed = (
-        claim(snap(4, 0), "a")[1],
-        claim(snap(4, 2), "a")[1],
-        claim(snap(4, 0, psi=50.0), "a")[1],
-    )
-    assert idle > half and idle > pressed and min(idle, half, pressed) >= 1
+    assert state.allowance("alice") == 2  # the inventory's max_jobs, as stock Nix
+    state.failed("down", "unreachable", Settings())
+    assert state.allowance("alice") == 0 and state.machines_line(inventory, 4) is None
 
 
 @pytest.mark.parametrize(
@@ -171,16 +219,16 @@ def test_status_rows_show_the_slots_held_back() -> None:
     inventory = alice_with_one_builder()
     state = BuilderState(inventory.builders[0], reaction=2.0)
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
-    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
+    (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
     assert (row["jobs"], row["held back"], row["ahead"], row["state"]) == ("3/4", "3", "0", "healthy")
     assert row["nix sees"].split()[3] == "4"
     # Two of bob's builds ended within alice's reaction: the builder takes 2 ahead.
     state.healthy(busy(4, 4, [0.5, 1.0], {"bob": 4}), now=1.5, grace=3.0)
-    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
+    (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
     assert (row["jobs"], row["held back"], row["ahead"]) == ("4/4", "3", "2")
     state.failed("down", "unreachable", Settings())
-    (row,) = rows({"builders": [state.status(inventory)]}, now=2.0)
-    assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its last line's slots
+    (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
+    assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its slots
 
 
 def test_publishing_holds_the_slots_before_the_file_offers_them(tmp_path: Path) -> None:

@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Follow every builder of the inventory over SSH (nixfarm stream through the gateway) "
         "and keep MACHINES, the file Nix's build hook reads (nix.conf: builders = @MACHINES), listing "
-        "the usable builders with maxJobs and speedFactor from their real load. See README 'The dispatcher'.",
+        "the usable builders, and hold in Nix's slot locks (--current-load) what this client must leave "
+        "to others, from the builders' real load. On exit it puts the inventory's static lines back. "
+        "See README 'The dispatcher'.",
     )
     p.add_argument("--inventory", required=True, metavar="FILE", help="the farm inventory (JSON)")
     p.add_argument("--machines", required=True, metavar="PATH", help="the machines file to keep")

@@ -150,8 +150,8 @@ def ending_soon(snap: dict[str, Any], within: float) -> int:
     return min(ended, snap["builds"]["active"], snap["nix_config"]["max_jobs"])
 
 
-def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, int]:
-    """(builds this client may run there now, speedFactor) for a healthy builder.
+def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> int:
+    """How many builds this client may have running or waiting on a healthy builder now.
 
     capacity = the builder's max-jobs; active = builds there from all
     clients. A builder may hold, beyond its capacity, as many builds as slots
@@ -167,8 +167,6 @@ def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, in
     The allowance may be 0: it is enforced by held slot locks, which Nix's
     hook checks for every build, not by the machines file, which a waiting
     hook reads only once (a 0 there starved clients: bench/README.md).
-    speedFactor (which builder Nix prefers) grows with the idle fraction and
-    shrinks with CPU pressure.
     """
     capacity = snap["nix_config"]["max_jobs"]
     sessions = snap["builds"].get("sessions_by_client", {})
@@ -177,11 +175,7 @@ def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> tuple[int, in
     free = max(0, capacity + ending_soon(snap, reaction) - active)
     competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
     share = free // competitors or (1 if free else 0)
-    allowed = min(capacity, mine + share)
-    psi = ((snap.get("psi") or {}).get("cpu_some_avg10") or 0.0) / 100
-    idle = max(0, capacity - active)
-    speed = 1 + round(99 * (idle / capacity if capacity else 0) * (1 - min(max(psi, 0.0), 1.0)))
-    return allowed, speed
+    return min(capacity, mine + share)
 
 
 def min_free_of(snap: dict[str, Any]) -> int:
@@ -238,34 +232,37 @@ class BuilderState:
     def listed(self) -> bool:
         return self.state != "down" and not self.stalled
 
-    def machines_line(self, inventory: Inventory) -> str | None:
-        """The line Nix sees for this builder now, or None when it is left out."""
-        b = self.builder
-        if not self.listed():
-            return None
-        if self.state == "degraded" or self.snapshot is None:
-            return b.machines_line(inventory.key_file, b.max_jobs, b.speed_factor)
-        _, speed = claim(self.snapshot, inventory.client_name, self.reaction)
-        return b.machines_line(inventory.key_file, self.snapshot["nix_config"]["max_jobs"], speed)
+    def capacity(self) -> int:
+        """Its max-jobs as last seen, else the inventory's."""
+        if self.snapshot is not None:
+            return int(self.snapshot["nix_config"]["max_jobs"])
+        return self.builder.max_jobs
 
-    def held_back(self, inventory: Inventory) -> tuple[int, int]:
-        """(slots, how many of them to hold back from Nix) for this builder now.
+    def allowance(self, me: str) -> int:
+        """How many builds this client's Nix may have on it now (the rest of its line is held).
 
-        A builder left out keeps all the slots its last line can have had
-        held (the static maxJobs or the capacity last seen, whichever is
-        more): a hook that read the file before it left still lists it.
+        Healthy: claim(). Degraded (or not seen yet): the inventory's
+        max_jobs, as a static file would offer it. Left out: none, so that
+        a hook that read the file before it left passes it by.
         """
         if not self.listed():
-            seen = self.snapshot["nix_config"]["max_jobs"] if self.snapshot else 0
-            slots = max(self.builder.max_jobs, seen)
-            return slots, slots
+            return 0
         if self.state == "degraded" or self.snapshot is None:
-            return self.builder.max_jobs, 0
-        capacity = self.snapshot["nix_config"]["max_jobs"]
-        allowed, _ = claim(self.snapshot, inventory.client_name, self.reaction)
-        return capacity, capacity - allowed
+            return self.builder.max_jobs
+        return claim(self.snapshot, me, self.reaction)
 
-    def status(self, inventory: Inventory) -> dict[str, Any]:
+    def machines_line(self, inventory: Inventory, width: int) -> str | None:
+        """The line Nix sees for this builder now, or None when it is left out.
+
+        Every listed builder has the same maxJobs (`width`) and speedFactor:
+        Nix then sends a build where this client may still send the most
+        (Dispatcher.machines_content).
+        """
+        if not self.listed():
+            return None
+        return self.builder.machines_line(inventory.key_file, width, 1)
+
+    def status(self, inventory: Inventory, width: int) -> dict[str, Any]:
         snap = self.snapshot or {}
         return {
             "name": self.builder.name,
@@ -273,8 +270,9 @@ class BuilderState:
             "reason": self.reason,
             "last_seen": self.last_seen,
             "failures": self.failures,
-            "line": self.machines_line(inventory),
-            "held_back": self.held_back(inventory)[1],
+            "line": self.machines_line(inventory, width),
+            # Of its capacity, the slots left to other clients now (all of them when left out).
+            "held_back": max(0, self.capacity() - self.allowance(inventory.client_name)),
             # Builds it may take beyond its capacity now (claim()); only a healthy builder takes any.
             "ahead": ending_soon(snap, self.reaction) if self.state == "healthy" and snap else 0,
             "snapshot": snap,
@@ -302,10 +300,44 @@ class Dispatcher:
         self._usable: tuple[str, ...] | None = None
         self._hold_problem = ""  # the last slot-holding failure logged (each once)
         self._changed = asyncio.Event()
+        # The maxJobs of every line; it never shrinks (see width()). It starts at
+        # the static lines' widest, which hooks may have read before we wrote.
+        self._width = max((b.max_jobs for b in inventory.builders), default=0)
+
+    def width(self) -> int:
+        """The maxJobs every listed builder gets: at least the largest capacity.
+
+        Nix's hook counts a builder's load as the slots of its line whose locks
+        it cannot take, and sends a build to the builder with the lowest load
+        (its speedFactors being equal). With equal widths that is the builder
+        where this client may still send the most (allowance minus what it
+        runs there); ties go to the earlier line. The width never shrinks: a
+        hook that read an older file must still find the slots beyond each
+        allowance held, and the holds take the highest slots first, so every
+        width up to the current one sees the same allowance.
+        """
+        self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
+        return self._width
 
     def machines_content(self) -> str:
-        lines = [line for s in self.states.values() if (line := s.machines_line(self.inventory))]
+        """The machines file: faster builders first (the inventory's speed_factor), then bigger."""
+        width = self.width()
+        order = sorted(
+            self.states.values(), key=lambda s: (-s.builder.speed_factor, -s.capacity(), s.builder.name)
+        )
+        lines = [line for s in order if (line := s.machines_line(self.inventory, width))]
         header = f"# written by nixfarm dispatch: {len(lines)} of {len(self.states)} builders usable\n"
+        return header + "".join(line + "\n" for line in lines)
+
+    def static_content(self) -> str:
+        """The inventory's static lines (what /etc/nix/machines holds), for when no dispatcher runs.
+
+        The dispatcher's own lines are as wide as the biggest builder and rely
+        on its held locks; without them every builder would look that big.
+        """
+        lines = [s.builder.machines_line(self.inventory.key_file, s.builder.max_jobs, s.builder.speed_factor)
+                 for s in self.states.values()]  # fmt: skip
+        header = "# written by nixfarm dispatch as it stopped: the inventory's static lines\n"
         return header + "".join(line + "\n" for line in lines)
 
     def publish(self) -> None:
@@ -321,16 +353,18 @@ class Dispatcher:
             "machines_file": self.machines_path,
             "updated": time.time(),
             "interval": self.settings.interval,
-            "builders": [s.status(self.inventory) for s in self.states.values()],
+            "width": self.width(),
+            "builders": [s.status(self.inventory, self.width()) for s in self.states.values()],
         }
         write_atomic(self.status_path, json.dumps(status).encode())
 
     def hold_slots(self) -> None:
-        """Hold back, in Nix's load accounting, what this client must leave to others."""
+        """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance."""
+        width = self.width()
         for state in self.states.values():
-            slots, count = state.held_back(self.inventory)
+            allowed = state.allowance(self.inventory.client_name)
             try:
-                self.holds.hold(state.builder.store_uri, slots, count)
+                self.holds.hold(state.builder.store_uri, width, width - allowed)
             except OSError as e:
                 # Nix then sees the builder's full capacity, as with a static file.
                 problem = f"cannot hold slots of {state.builder.name} in {self.holds.directory}: {e}"
@@ -369,6 +403,8 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Before the locks go (at exit): no moment with wide lines and nothing held.
+            write_atomic(self.machines_path, self.static_content().encode())
 
     async def follow(self, state: BuilderState) -> None:
         """Keep one stream to `state.builder` going, forever, with backoff on failure."""
