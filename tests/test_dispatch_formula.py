@@ -263,3 +263,39 @@ def test_a_current_load_that_cannot_be_written_is_logged_not_fatal(
     assert (tmp_path / "machines").read_text().count("ssh-ng://") == 1  # the file is still kept
     warnings = [r.getMessage() for r in caplog.records if "cannot hold slots of b" in r.getMessage()]
     assert len(warnings) == 1 and "missing" in warnings[0]
+
+
+def test_a_budget_per_snapshot_what_ends_is_not_sent_again() -> None:
+    inventory = alice_with_one_builder()
+    state = BuilderState(inventory.builders[0], reaction=2.0)
+    state.saw_hooks(frozenset())
+    state.healthy(snap(4, 2, {"bob": 2}), now=1.0, grace=3.0)
+    assert state.allowance("alice") == 1  # 2 free, alice and bob compete: 1 each
+    assert state.saw_hooks(frozenset({"b-0"}))  # her hook took a slot for it
+    assert state.allowance("alice") == 1  # that one, and no more
+    state.saw_hooks(frozenset())  # it ended before the next snapshot
+    assert state.allowance("alice") == 0  # its slot is not hers to fill again
+    state.healthy(snap(4, 2, {"bob": 2}), now=2.0, grace=3.0)
+    assert state.allowance("alice") == 1  # the next snapshot shares what is free then
+
+
+def test_builds_the_snapshot_does_not_show_yet_are_counted() -> None:
+    inventory = alice_with_one_builder()
+    state = BuilderState(inventory.builders[0], reaction=2.0)
+    # Two of alice's hooks hold slots, the builder has seen one session of hers.
+    state.saw_hooks(frozenset({"b-0", "b-1"}))
+    state.healthy(snap(4, 2, {"alice": 1, "bob": 1}), now=1.0, grace=3.0)
+    # 4 - 2 active - 1 unseen = 1 free, shared with bob: "1 if 0".
+    assert state.allowance("alice") == 3
+    state.healthy(snap(4, 3, {"alice": 2, "bob": 1}), now=2.0, grace=3.0)
+    assert state.allowance("alice") == 3  # now seen: the same 1 free
+
+
+def test_without_the_hooks_locks_the_snapshot_alone_decides() -> None:
+    inventory = alice_with_one_builder()
+    state = BuilderState(inventory.builders[0], reaction=2.0)
+    state.healthy(snap(4, 2, {"alice": 1, "bob": 1}), now=1.0, grace=3.0)
+    assert state.in_flight is None and state.allowance("alice") == claim(state.snapshot or {}, "alice") == 2
+    state.saw_hooks(frozenset({"b-0"}))
+    assert state.saw_hooks(None)  # /proc/locks unreadable now: back to the snapshot's sessions
+    assert state.in_flight is None and state.allowance("alice") == 2

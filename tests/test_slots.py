@@ -5,13 +5,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 from conftest import Client
 from farm import Farm
-from nixfarm.slots import SlotHolds, lock_prefixes, nix_base32
+from nixfarm.slots import SlotHolds, flocked_inodes, lock_prefixes, nix_base32
 
 URI = "ssh-ng://nixfarm@10.201.7.2"
 
@@ -74,6 +75,28 @@ def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path) -> None:
     os.close(nix_fd)  # the build ends
     assert holds.hold(URI, 4, 4) == 4
     assert busy(tmp_path, 4) == [0, 1, 2, 3]
+
+
+def test_the_locks_another_process_holds_are_read_from_proc_locks(tmp_path: Path) -> None:
+    """What Nix's hooks hold (this client's builds in flight) is read without taking any lock."""
+    prefix = lock_prefixes(URI)[0]
+    holds = SlotHolds(str(tmp_path))
+    assert holds.hold(URI, 4, 1) == 1  # ours: slot 3, never counted as Nix's
+    assert holds.taken_by_nix(URI, 4, flocked_inodes()) == frozenset()
+    # A hook's slot: flock holds it (--close: not its child), in a group of its own to end both.
+    hook = subprocess.Popen(["flock", "--close", str(tmp_path / f"{prefix}-0"), "sleep", "30"],
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not holds.taken_by_nix(URI, 4, flocked_inodes()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert holds.taken_by_nix(URI, 4, flocked_inodes()) == {f"{prefix}-0"}
+        assert not (tmp_path / f"{prefix}-1").exists()  # reading opens (and locks) nothing
+    finally:
+        os.killpg(hook.pid, signal.SIGKILL)
+        hook.wait()
+    assert holds.taken_by_nix(URI, 4, flocked_inodes()) == frozenset()
+    holds.release_all()
 
 
 def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: Farm) -> None:

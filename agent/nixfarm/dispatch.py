@@ -34,13 +34,16 @@ import asyncssh
 
 from .atomic import write_atomic
 from .inventory import Builder, Inventory
-from .slots import SlotHolds
+from .slots import PROC_LOCKS, SlotHolds, flocked_inodes
 from .sshconn import connect_options
 
 SCHEMA = 1
 MAX_LINE = 1 << 20  # a snapshot is ~1.5 KiB; a megabyte is hostile
 MAX_BUILDS = 4096  # entries in a snapshot's lists of build times
 STATUS_NAME = "dispatch-status.json"
+# How often the hooks' slot locks are read: a hook that took a slot connects to the
+# builder (100-300 ms) before Nix asks about its next build.
+HOOK_POLL = 0.05
 
 log = logging.getLogger("nixfarm.dispatch")
 
@@ -150,32 +153,40 @@ def ending_soon(snap: dict[str, Any], within: float) -> int:
     return min(ended, snap["builds"]["active"], snap["nix_config"]["max_jobs"])
 
 
-def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> int:
-    """How many builds this client may have running or waiting on a healthy builder now.
+def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0) -> int:
+    """How many builds this client may send a healthy builder beyond those it has there.
 
     capacity = the builder's max-jobs; active = builds there from all
-    clients. A builder may hold, beyond its capacity, as many builds as slots
-    will likely free within one `reaction` of the clients (ending_soon): they
-    wait there and start the moment a slot frees, where a build waiting on
-    its client starts only at the client's next poll. A builder busy with
-    long builds gets none, so nothing parks behind them.
-    free = capacity + that many - active, shared among the clients that hold
-    build sessions there now (plus this one); this client may run what it
-    runs already plus its share. If the share rounds to zero but slots are
-    free, each competitor may take one: at most (competitors - 1) builds too
-    many, seen and corrected at the next snapshot, one interval later.
+    clients; unseen = builds this client sent that the snapshot does not
+    show yet (a hook was still connecting). A builder may hold, beyond its
+    capacity, as many builds as slots will likely free within one
+    `reaction` of the clients (ending_soon): they wait there and start the
+    moment a slot frees, where a build waiting on its client starts only at
+    the client's next poll. A builder busy with long builds gets none, so
+    nothing parks behind them. free = capacity + that many - active -
+    unseen, shared among the clients that hold build sessions there now
+    (plus this one). If the share rounds to zero but slots are free, each
+    competitor may take one: at most (competitors - 1) builds too many,
+    seen and corrected at the next snapshot, one interval later.
+    """
+    capacity = snap["nix_config"]["max_jobs"]
+    sessions = snap["builds"].get("sessions_by_client", {})
+    active = snap["builds"]["active"]
+    free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
+    competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
+    return free // competitors or (1 if free else 0)
+
+
+def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> int:
+    """How many builds this client may have on a healthy builder, from the snapshot alone:
+    what it has there (its build sessions) plus its share, at most the capacity.
+
     The allowance may be 0: it is enforced by held slot locks, which Nix's
     hook checks for every build, not by the machines file, which a waiting
     hook reads only once (a 0 there starved clients: bench/README.md).
     """
-    capacity = snap["nix_config"]["max_jobs"]
-    sessions = snap["builds"].get("sessions_by_client", {})
-    mine = sessions.get(me, 0)
-    active = snap["builds"]["active"]
-    free = max(0, capacity + ending_soon(snap, reaction) - active)
-    competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
-    share = free // competitors or (1 if free else 0)
-    return min(capacity, mine + share)
+    mine = snap["builds"].get("sessions_by_client", {}).get(me, 0)
+    return min(snap["nix_config"]["max_jobs"], mine + share(snap, me, reaction))
 
 
 def min_free_of(snap: dict[str, Any]) -> int:
@@ -201,10 +212,17 @@ class BuilderState:
         self.retry_at = 0.0
         self.low_disk_since: float | None = None
         self.stalled = False  # degraded because the stream stalled: not listed
+        # This client's builds in flight there, from its hooks' slot locks (None: not known).
+        self.in_flight: int | None = None
+        self.in_flight_at_snapshot = 0  # when the last snapshot came
+        self.sent_since_snapshot = 0  # builds its hooks took a slot for since then
+        self._taken: frozenset[str] = frozenset()
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
         self.stalled = False
+        # A new snapshot, a new budget (allowance()).
+        self.in_flight_at_snapshot, self.sent_since_snapshot = self.in_flight or 0, 0
         free, floor = snap["store"]["free_bytes"], min_free_of(snap)
         if free >= floor:
             self.low_disk_since = None
@@ -219,6 +237,16 @@ class BuilderState:
             )
         else:
             self.state, self.reason = "healthy", f"low disk: {free >> 20} MiB free, GC should catch up"
+
+    def saw_hooks(self, taken: frozenset[str] | None) -> bool:
+        """Record the slot locks this client's hooks hold there now; True if they changed."""
+        if taken is None:
+            changed, self.in_flight = self.in_flight is not None, None
+        else:
+            self.sent_since_snapshot += len(taken - self._taken)
+            changed, self.in_flight = taken != self._taken, len(taken)
+        self._taken = taken or frozenset()
+        return changed
 
     def failed(self, state: str, reason: str, settings: Settings) -> float:
         """Record a failure; returns seconds until the next attempt."""
@@ -241,15 +269,28 @@ class BuilderState:
     def allowance(self, me: str) -> int:
         """How many builds this client's Nix may have on it now (the rest of its line is held).
 
-        Healthy: claim(). Degraded (or not seen yet): the inventory's
-        max_jobs, as a static file would offer it. Left out: none, so that
-        a hook that read the file before it left passes it by.
+        Healthy: what its hooks have there now plus what is left of its
+        share since the last snapshot (claim() where the hooks' locks cannot
+        be read). Degraded (or not seen yet): the inventory's max_jobs, as a
+        static file would offer it. Left out: none, so that a hook that read
+        the file before it left passes it by.
         """
         if not self.listed():
             return 0
         if self.state == "degraded" or self.snapshot is None:
             return self.builder.max_jobs
-        return claim(self.snapshot, me, self.reaction)
+        if self.in_flight is None:
+            return claim(self.snapshot, me, self.reaction)
+        # A budget per snapshot: the share, less what the hooks took since. A build of
+        # this client that ends frees its lock, but not a new share: the slot it leaves
+        # is the builder's to give at the next snapshot, to whoever's share it falls in
+        # (often a build already waiting there), or this client would send a
+        # replacement behind it every time.
+        mine = self.snapshot["builds"].get("sessions_by_client", {}).get(me, 0)
+        unseen = max(0, self.in_flight_at_snapshot - mine)
+        budget = share(self.snapshot, me, self.reaction, unseen) - self.sent_since_snapshot
+        capacity = self.capacity()
+        return self.in_flight + max(0, min(budget, capacity - self.in_flight))
 
     def machines_line(self, inventory: Inventory, width: int) -> str | None:
         """The line Nix sees for this builder now, or None when it is left out.
@@ -273,6 +314,7 @@ class BuilderState:
             "line": self.machines_line(inventory, width),
             # Of its capacity, the slots left to other clients now (all of them when left out).
             "held_back": max(0, self.capacity() - self.allowance(inventory.client_name)),
+            "in_flight": self.in_flight,
             # Builds it may take beyond its capacity now (claim()); only a healthy builder takes any.
             "ahead": ending_soon(snap, self.reaction) if self.state == "healthy" and snap else 0,
             "snapshot": snap,
@@ -393,6 +435,7 @@ class Dispatcher:
         """Follow every builder until cancelled."""
         self.publish()
         tasks = [asyncio.create_task(self.follow(s)) for s in self.states.values()]
+        tasks.append(asyncio.create_task(self.watch_hooks()))
         try:
             while True:
                 await self._changed.wait()
@@ -405,6 +448,28 @@ class Dispatcher:
             await asyncio.gather(*tasks, return_exceptions=True)
             # Before the locks go (at exit): no moment with wide lines and nothing held.
             write_atomic(self.machines_path, self.static_content().encode())
+
+    async def watch_hooks(self) -> None:
+        """Follow this client's builds in flight (its hooks' slot locks) every HOOK_POLL s, and
+        hold more as soon as a hook takes a slot: the next build must see the allowance left."""
+        problem = ""
+        while True:
+            await asyncio.sleep(HOOK_POLL)
+            try:
+                flocked: set[int] | None = flocked_inodes()
+            except OSError as e:
+                flocked = None
+                if f"{e}" != problem:
+                    log.warning("cannot read %s (%s): allowances go by the snapshots alone", PROC_LOCKS, e)
+                problem = f"{e}"
+            width = self.width()
+            changed = False
+            for state in self.states.values():
+                uri = state.builder.store_uri
+                taken = None if flocked is None else self.holds.taken_by_nix(uri, width, flocked)
+                changed = state.saw_hooks(taken) or changed
+            if changed:
+                self.hold_slots()
 
     async def follow(self, state: BuilderState) -> None:
         """Keep one stream to `state.builder` going, forever, with backoff on failure."""

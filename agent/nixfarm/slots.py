@@ -12,6 +12,13 @@ current allowance, also in a hook that started long ago.
 The lock file names are Nix's: `<uri with / as _>-<slot>` (CppNix 2.x), and
 Lix's `<first 48 chars of that>-<16 chars of the URI's sha256, Nix base32>-<slot>`.
 Both are held; the one the running Nix does not use costs an open file.
+
+The locks Nix's hooks hold are this client's builds in flight, one per
+remote build from the moment a hook picks the slot until it has copied the
+outputs back. `SlotHolds.taken_by_nix` reads them from /proc/locks, which
+lists every flock without touching the files: a probe that took a lock,
+however briefly, could make a hook that looks at that moment find the slot
+busy and postpone its build for a whole poll interval.
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ import fcntl
 import hashlib
 import os
 import resource
+import time
 
 DEFAULT_DIR = "/nix/var/nix/current-load"
+PROC_LOCKS = "/proc/locks"
+INODES_FOR = 10.0  # seconds a slot file's inode is trusted before it is looked up again
 _BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's alphabet: no e, o, u, t
 
 
@@ -53,12 +63,59 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def flocked_inodes(path: str = PROC_LOCKS) -> set[int]:
+    """The inode numbers of every file someone holds a flock on now.
+
+    A line is `N: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`;
+    one that waits for a lock has `->` after `N:`. The device is left out:
+    /proc/locks names the filesystem's, which on btrfs is not the one stat()
+    reports (each subvolume has its own), and another file with the same
+    inode number holding a flock at the same time is a rare, harmless
+    mistake (one build counted too many for an interval).
+    """
+    held = set()
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            with contextlib.suppress(ValueError, IndexError):
+                held.add(int(fields[5].split(":")[2]))
+    return held
+
+
 class SlotHolds:
     """The slot locks this process holds, per lock file prefix."""
 
     def __init__(self, directory: str = DEFAULT_DIR) -> None:
         self.directory = directory
         self._held: dict[str, dict[int, int]] = {}  # prefix -> slot -> fd
+        self._inodes: dict[str, tuple[int, float]] = {}  # lock file name -> (inode, looked up at)
+
+    def taken_by_nix(self, store_uri: str, slots: int, flocked: set[int]) -> frozenset[str]:
+        """The lock files of slots 0..slots-1 of `store_uri` that someone else holds:
+        Nix's hooks, for this client's builds in flight there. `flocked` is
+        flocked_inodes(), read once for all builders."""
+        taken = set()
+        for prefix in lock_prefixes(store_uri):
+            held = self._held.get(prefix, {})
+            for slot in range(slots):
+                name = f"{prefix}-{slot}"
+                if slot not in held and self._inode(name) in flocked:
+                    taken.add(name)
+        return frozenset(taken)
+
+    def _inode(self, name: str) -> int | None:
+        known = self._inodes.get(name)
+        now = time.monotonic()
+        if known and now - known[1] < INODES_FOR:
+            return known[0]
+        try:
+            inode = os.stat(os.path.join(self.directory, name)).st_ino
+        except OSError:
+            return None  # no hook has opened it yet, so none holds it
+        self._inodes[name] = (inode, now)
+        return inode
 
     def hold(self, store_uri: str, slots: int, count: int) -> int:
         """Hold `count` of the slots 0..slots-1 of `store_uri` (the highest ones: Nix
