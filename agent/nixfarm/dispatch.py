@@ -44,6 +44,7 @@ STATUS_NAME = "dispatch-status.json"
 # How often the hooks' slot locks are read: a hook that took a slot connects to the
 # builder (100-300 ms) before Nix asks about its next build.
 HOOK_POLL = 0.05
+STOP_WITHIN = 5.0  # seconds the SSH sessions get to close when the dispatcher stops
 
 log = logging.getLogger("nixfarm.dispatch")
 
@@ -445,9 +446,10 @@ class Dispatcher:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # Before the locks go (at exit): no moment with wide lines and nothing held.
             write_atomic(self.machines_path, self.static_content().encode())
+            # A connection that does not close in time must not keep the service from stopping.
+            await asyncio.wait(tasks, timeout=STOP_WITHIN)
 
     async def watch_hooks(self) -> None:
         """Follow this client's builds in flight (its hooks' slot locks) every HOOK_POLL s, and
@@ -498,7 +500,10 @@ class Dispatcher:
             buffer = b""
             while True:
                 try:
-                    chunk = await asyncio.wait_for(proc.stdout.read(65536), self.settings.stall_timeout)
+                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes
+                    # as the read completes, and the dispatcher then never stopped (seen).
+                    async with asyncio.timeout(self.settings.stall_timeout):
+                        chunk = await proc.stdout.read(65536)
                 except TimeoutError:
                     # A stalled agent or a dead link: the keepalives will tell which. Until
                     # then the builder is left out, or Nix would keep sending it builds
