@@ -257,10 +257,13 @@ def test_a_current_load_that_cannot_be_written_is_logged_not_fatal(
     inventory = alice_with_one_builder()
     holds = SlotHolds(str(tmp_path / "missing"))  # gone: every hold fails
     dispatcher = Dispatcher(inventory, str(tmp_path / "machines"), Settings(), str(tmp_path / "s"), holds)
-    dispatcher.states["b"].healthy(snap(4, 4, {"bob": 4}), now=1.0, grace=3.0)
+    dispatcher.states["b"].healthy(snap(1, 1, {"bob": 1}), now=1.0, grace=3.0)
     dispatcher.publish()
     dispatcher.publish()
-    assert (tmp_path / "machines").read_text().count("ssh-ng://") == 1  # the file is still kept
+    text = (tmp_path / "machines").read_text()
+    assert text.count("ssh-ng://") == 1  # the file is still kept
+    # Nothing is held, so the line offers the builder's capacity, not the width (2, static).
+    assert text.splitlines()[1].split()[3] == "1"
     warnings = [r.getMessage() for r in caplog.records if "cannot hold slots of b" in r.getMessage()]
     assert len(warnings) == 1 and "missing" in warnings[0]
 

@@ -296,9 +296,9 @@ class BuilderState:
     def machines_line(self, inventory: Inventory, width: int) -> str | None:
         """The line Nix sees for this builder now, or None when it is left out.
 
-        Every listed builder has the same maxJobs (`width`) and speedFactor:
-        Nix then sends a build where this client may still send the most
-        (Dispatcher.machines_content).
+        Every listed builder has the same maxJobs (`width`, Dispatcher.width())
+        and speedFactor: Nix then sends a build where this client may still
+        send the most.
         """
         if not self.listed():
             return None
@@ -362,13 +362,19 @@ class Dispatcher:
         self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
         return self._width
 
-    def machines_content(self) -> str:
-        """The machines file: faster builders first (the inventory's speed_factor), then bigger."""
+    def machines_content(self, held: bool = True) -> str:
+        """The machines file: faster builders first (the inventory's speed_factor), then bigger.
+
+        `held`: the slot locks could be taken. If not, each line offers the
+        builder's own capacity instead of the width, as a static file would.
+        """
         width = self.width()
         order = sorted(
             self.states.values(), key=lambda s: (-s.builder.speed_factor, -s.capacity(), s.builder.name)
         )
-        lines = [line for s in order if (line := s.machines_line(self.inventory, width))]
+        lines = [
+            line for s in order if (line := s.machines_line(self.inventory, width if held else s.capacity()))
+        ]
         header = f"# written by nixfarm dispatch: {len(lines)} of {len(self.states)} builders usable\n"
         return header + "".join(line + "\n" for line in lines)
 
@@ -385,8 +391,8 @@ class Dispatcher:
 
     def publish(self) -> None:
         """Rewrite the machines file if its content changed; always refresh the status."""
-        self.hold_slots()  # before the file lists more free slots than Nix may take
-        content = self.machines_content()
+        held = self.hold_slots()  # before the file lists more free slots than Nix may take
+        content = self.machines_content(held)
         if content != self._written:
             write_atomic(self.machines_path, content.encode())
             self._written = content
@@ -397,23 +403,31 @@ class Dispatcher:
             "updated": time.time(),
             "interval": self.settings.interval,
             "width": self.width(),
-            "builders": [s.status(self.inventory, self.width()) for s in self.states.values()],
+            "builders": [
+                s.status(self.inventory, self.width() if held else s.capacity()) for s in self.states.values()
+            ],
         }
         write_atomic(self.status_path, json.dumps(status).encode())
 
-    def hold_slots(self) -> None:
-        """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance."""
+    def hold_slots(self) -> bool:
+        """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance.
+
+        False if some could not be held: the file then offers each builder's
+        capacity (machines_content), as a static file would.
+        """
         width = self.width()
+        held = True
         for state in self.states.values():
             allowed = state.allowance(self.inventory.client_name)
             try:
                 self.holds.hold(state.builder.store_uri, width, width - allowed)
             except OSError as e:
-                # Nix then sees the builder's full capacity, as with a static file.
+                held = False
                 problem = f"cannot hold slots of {state.builder.name} in {self.holds.directory}: {e}"
                 if problem != self._hold_problem:
-                    log.warning("%s", problem)
+                    log.warning("%s; the machines file offers each builder's capacity meanwhile", problem)
                 self._hold_problem = problem
+        return held
 
     def _log_usable(self) -> None:
         """Log when the set of usable builders changes (not on every load change)."""
@@ -459,6 +473,7 @@ class Dispatcher:
             await asyncio.sleep(HOOK_POLL)
             try:
                 flocked: set[int] | None = flocked_inodes()
+                problem = ""
             except OSError as e:
                 flocked = None
                 if f"{e}" != problem:
