@@ -221,6 +221,7 @@ def test_status_rows_show_the_slots_held_back() -> None:
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
     (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
     assert (row["jobs"], row["held back"], row["ahead"], row["state"]) == ("3/4", "3", "0", "healthy")
+    assert row["mine"] == "-"  # the hooks' locks not read yet
     assert row["nix sees"].split()[3] == "4"
     # Two of bob's builds ended within alice's reaction: the builder takes 2 ahead.
     state.healthy(busy(4, 4, [0.5, 1.0], {"bob": 4}), now=1.5, grace=3.0)
@@ -229,6 +230,9 @@ def test_status_rows_show_the_slots_held_back() -> None:
     state.failed("down", "unreachable", Settings())
     (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
     assert (row["held back"], row["nix sees"]) == ("4", "(left out)")  # all its slots
+    state.saw_hooks(frozenset({"b-0"}))  # a build of alice's still on its way back from there
+    (row,) = rows({"builders": [state.status(inventory, 4)]}, now=2.0)
+    assert row["mine"] == "1"
 
 
 def test_publishing_holds_the_slots_before_the_file_offers_them(tmp_path: Path) -> None:

@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="the builders as the dispatcher sees them",
         allow_abbrev=False,
-        description="Show each builder's state, reason, jobs, the slots held back for other clients, "
+        description="Show each builder's state, reason, jobs, this client's builds there (mine), "
+        "the slots held back for other clients, "
         "the builds it may take ahead, load, pressure, free disk, GC state, when it was last seen and "
         "the line Nix currently sees for it.",
     )

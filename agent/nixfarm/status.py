@@ -63,6 +63,8 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
             "held back": "-" if b.get("held_back") is None else str(b["held_back"]),
             # Builds the builder may take beyond its capacity: its slots free up at that pace.
             "ahead": str(b.get("ahead", "-")),
+            # This client's builds there or on their way (its Nix's hooks' slot locks).
+            "mine": "-" if b.get("in_flight") is None else str(b["in_flight"]),
             "load": f"{load['avg1']:.2f}" if "avg1" in load else "-",
             "cpu psi": f"{psi['cpu_some_avg10']:.1f}%" if "cpu_some_avg10" in psi else "-",
             "free disk": _gib(store.get("free_bytes")),
@@ -84,8 +86,8 @@ def render(status: dict[str, Any], now: float) -> Any:
                   f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
     data = rows(status, now)
     columns = (
-        "builder", "state", "jobs", "held back", "ahead", "load", "cpu psi", "free disk", "gc", "last seen",
-        "reason",
+        "builder", "state", "jobs", "mine", "held back", "ahead", "load", "cpu psi", "free disk", "gc",
+        "last seen", "reason",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, overflow="fold")
