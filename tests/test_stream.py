@@ -64,3 +64,49 @@ def test_stream_leaves_nothing_behind_when_the_client_dies(farm: Farm, builder: 
     proc.wait(timeout=10)
 
     assert wait_until_gone(builder, 2) == []
+
+
+def test_a_build_key_s_demand_reaches_every_stream_and_ends_with_its_session(farm: Farm) -> None:
+    """`demand N` on a stream's stdin is that client's builds waiting for a machine: every
+    stream of the builder reports it (builds.demand_by_client) while the session lasts.
+    Other input, and a metrics key's demand, are ignored."""
+    for client in ("alice", "bob", "watcher"):
+        farm.add_client(client)
+    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build", "watcher": "metrics"})
+    farm.start_agent(b, "--interval", "1")  # it keeps the demand directory
+
+    def stream(client: str) -> subprocess.Popen[str]:
+        argv = [*farm.ssh_argv(client, b), "nixfarm stream --interval 0.3"]
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def next_demand(proc: subprocess.Popen[str], want: dict[str, int], seconds: float = 10) -> None:
+        assert proc.stdout is not None
+        deadline, seen = time.monotonic() + seconds, None
+        while time.monotonic() < deadline:
+            seen = json.loads(proc.stdout.readline())["builds"].get("demand_by_client")
+            if seen == want:
+                return
+        raise AssertionError(f"demand_by_client is {seen}, not {want}")
+
+    alice, bob, watcher = stream("alice"), stream("bob"), stream("watcher")
+    try:
+        for proc in (alice, bob, watcher):
+            assert proc.stdin is not None
+        assert alice.stdin and bob.stdin and watcher.stdin
+        alice.stdin.write("demand 3\n")
+        alice.stdin.write("x" * 100_000 + "\n")  # not ours: dropped whole
+        alice.stdin.write("demand -1\ndemand 3.5\nrm -rf /\n")
+        alice.stdin.flush()
+        watcher.stdin.write("demand 50\n")  # a metrics key cannot build: not its word
+        watcher.stdin.flush()
+        next_demand(bob, {"alice": 3})
+        bob.stdin.write("demand 0\n")  # bob has nothing waiting: he says so
+        bob.stdin.flush()
+        next_demand(watcher, {"alice": 3, "bob": 0})
+        alice.stdin.close()  # alice's session ends: her word goes with it
+        assert alice.wait(timeout=10) == 0
+        next_demand(watcher, {"bob": 0})
+    finally:
+        for proc in (alice, bob, watcher):
+            proc.kill()
+            proc.wait()

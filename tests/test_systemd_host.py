@@ -280,6 +280,21 @@ def test_agent_and_gateway_log_to_the_journal_with_fields(systemd_host: SystemdH
     assert "sh -c id" in entry["MESSAGE"]
 
 
+def test_the_agent_s_unit_lets_it_make_the_clients_demand_directory(systemd_host: SystemdHost) -> None:
+    """Under the module's sandbox (CapabilityBoundingSet, RestrictSUIDSGID, ProtectSystem)
+    the agent makes state_dir/demand, root:control_group 0770, where streams keep counts."""
+    host = systemd_host
+    install_agent(host, {"control_group": "nogroup"})
+    host.systemctl("restart", AGENT_UNIT)
+    try:
+        st = host.path("/var/lib/nixfarm/demand").stat()
+        assert (st.st_mode & 0o7777, st.st_uid) == (0o770, 0)
+        r = host.run(["stat", "-c", "%G", "/var/lib/nixfarm/demand"])
+        assert r.stdout.strip() == "nogroup"
+    finally:
+        host.systemctl("stop", AGENT_UNIT)
+
+
 def test_metrics_read_nix_daemon_memory_from_systemd(systemd_host: SystemdHost) -> None:
     host = systemd_host
     set_daemon_limits(host, memory_max="512M", memory_high="448M", tasks=4096)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from . import control, logs
+from . import control, demand, logs
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
 from .metrics import Collector, read_store_fs
@@ -73,6 +73,10 @@ class Agent:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        try:
+            demand.prepare_dir(self.config.state_dir, self.config.control_group)
+        except (OSError, KeyError) as e:  # KeyError: no such group
+            self.log.warning("no place for the clients' demand (streams will not report it): %s", e)
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )

@@ -25,6 +25,7 @@ from .errors import NixfarmError, UsageError
 # name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
 
@@ -300,33 +301,74 @@ def _stdin_is_a_session() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def _stdin_closed(timeout: float, watch: bool) -> bool:
-    """Wait up to `timeout` s; True once a watched stdin reaches end of file."""
-    if not watch:
-        time.sleep(timeout)
+class _Input:
+    """The stream's stdin: its end ends the stream; its lines may carry the client's demand.
+
+    Input is untrusted and bounded: lines over demand.MAX_LINE bytes, and
+    anything but `demand N`, are dropped.
+    """
+
+    def __init__(self, watch: bool) -> None:
+        self.watch = watch
+        self._partial = b""
+        self._discarding = False  # inside a line too long to be ours, until its newline
+
+    def wait(self, timeout: float, on_demand: Callable[[int], None]) -> bool:
+        """Read stdin for up to `timeout` s; True once a watched stdin reaches its end."""
+        from . import demand  # not at the top: the gateway's path to nix-daemon stays short
+
+        deadline = time.monotonic() + timeout
+        if not self.watch:
+            time.sleep(timeout)
+            return False
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([0], [], [], left)
+            if not ready:
+                return False
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return True
+            if not data:
+                return True
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            if self._discarding and lines:
+                lines, self._discarding = lines[1:], False  # the rest of a line too long to be ours
+            if len(self._partial) > demand.MAX_LINE:
+                self._partial, self._discarding = b"", True
+            for line in lines:
+                count = demand.parse_line(line) if len(line) <= demand.MAX_LINE else None
+                if count is not None:
+                    on_demand(count)
         return False
-    ready, _, _ = select.select([0], [], [], timeout)
-    if not ready:
-        return False
-    try:
-        return os.read(0, 65536) == b""  # input is ignored; only its end matters
-    except OSError:
-        return True
 
 
-def run_stream(config: AgentConfig, interval: float, count: int | None = None) -> int:
-    """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks."""
+def run_stream(
+    config: AgentConfig, interval: float, count: int | None = None, client: str | None = None
+) -> int:
+    """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks.
+
+    With `client` (the gateway names it, for the build and admin roles), a
+    `demand N` line on stdin is kept as that client's builds waiting for a
+    machine (demand.py); other input is ignored.
+    """
+    from . import demand
     from .metrics import Collector
 
     # A session may also end with SIGHUP: that means "done", quietly. (SIGPIPE
     # stays ignored, as Python sets it, so a gone reader is a BrokenPipeError.)
     signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
-    watch_stdin = _stdin_is_a_session()
+    stdin = _Input(_stdin_is_a_session())
     collector = Collector(config)
+    kept = demand.ClientDemand(config.state_dir, client) if client else None
     deadline = time.monotonic() + config.stream_max_seconds
     sent = 0
     try:
         while True:
+            if kept:
+                kept.refresh()
+                if kept.problem:
+                    collector.warnings.append(kept.problem)
             line = json.dumps(collector.snapshot(), sort_keys=True).encode() + b"\n"
             try:
                 os.write(1, line)  # unbuffered: a reader sees each line at once
@@ -336,9 +378,11 @@ def run_stream(config: AgentConfig, interval: float, count: int | None = None) -
             sent += 1
             if count is not None and sent >= count:
                 return 0
-            if time.monotonic() >= deadline or _stdin_closed(interval, watch_stdin):
+            if time.monotonic() >= deadline or stdin.wait(interval, kept.set if kept else lambda _: None):
                 return 0
     finally:
+        if kept:
+            kept.remove()
         collector.close()
 
 

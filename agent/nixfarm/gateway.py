@@ -298,4 +298,5 @@ def run(client: str, role: str, config: AgentConfig) -> int:
         return cli.print_metrics(config, decision.output_format)
     if decision.action == "gc":
         return cli.run_gc(config, decision.gc_action, decision.output_format == "json", decision.target_free)
-    return cli.run_stream(config, decision.interval)
+    # Only a key that may build says how many builds its client has waiting (demand.py).
+    return cli.run_stream(config, decision.interval, client=client if role in ("build", "admin") else None)

@@ -24,6 +24,7 @@ from typing import Any
 from . import cgroups, version
 from .atomic import write_atomic
 from .config import AgentConfig
+from .demand import read_demand
 from .errors import EnvironmentProblem
 from .nixconf import NixSettings, load_nix_settings
 
@@ -364,6 +365,7 @@ class Collector:
             "builds": {
                 **self._look_at_builds(),
                 "sessions_by_client": sessions_by_client(),
+                **self._demand(),
             },
             "nix_config": {
                 "max_jobs": nix.max_jobs,
@@ -382,6 +384,11 @@ class Collector:
         if record is not None:
             builds["finished"] = ended_ago(record)
         return builds
+
+    def _demand(self) -> dict[str, Any]:
+        """The clients' builds waiting for a machine, where the agent keeps them (demand.py)."""
+        counts = read_demand(self.config.state_dir)
+        return {} if counts is None else {"demand_by_client": counts}
 
     def take_warnings(self) -> list[str]:
         """Warnings not reported before: a stream says each problem once, not every interval."""
