@@ -139,6 +139,7 @@ def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> No
     farm.add_client("alice")
     bob_key = farm.add_client("bob")
     b = farm.add_builder("b1", clients={"alice": "build", "bob": "build"}, max_jobs=1)
+    farm.start_agent(b, "--interval", "1")  # it keeps the clients' demand (demand.py)
     dispatcher = Dispatcher(farm, [b])
     nix = Client(farm.root, poll_interval=1)
     bob_store = f"local?root={farm.root / 'clients' / 'bob' / 'store'}"  # bob is another machine
@@ -159,6 +160,12 @@ def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> No
             assert snap["builds"]["sessions_by_client"].get("alice", 0) == 0, snap["builds"]
             assert alice.poll() is None
             time.sleep(0.2)
+        # Her dispatcher counted the build waiting (her Nix's hook passes) and told the builder.
+        dispatcher.wait("alice's demand reaches b1", lambda: dispatcher.status()["b1"]["waiting"] == 1)
+        dispatcher.wait(
+            "b1 reports it",
+            lambda: dispatcher.status()["b1"]["snapshot"]["builds"].get("demand_by_client") == {"alice": 1},
+        )
         _, bob_err = bob.communicate(timeout=60)
         alice_out, alice_err = alice.communicate(timeout=60)
         assert bob.returncode == 0, bob_err[-3000:]

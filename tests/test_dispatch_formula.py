@@ -278,7 +278,7 @@ def test_a_budget_per_snapshot_what_ends_is_not_sent_again() -> None:
     state.saw_hooks(frozenset())
     state.healthy(snap(4, 2, {"bob": 2}), now=1.0, grace=3.0)
     assert state.allowance("alice") == 1  # 2 free, alice and bob compete: 1 each
-    assert state.saw_hooks(frozenset({"b-0"}))  # her hook took a slot for it
+    assert state.saw_hooks(frozenset({"b-0"})) == (True, 1)  # her hook took a slot for it
     assert state.allowance("alice") == 1  # that one, and no more
     state.saw_hooks(frozenset())  # it ended before the next snapshot
     assert state.allowance("alice") == 0  # its slot is not hers to fill again
@@ -304,5 +304,41 @@ def test_without_the_hooks_locks_the_snapshot_alone_decides() -> None:
     state.healthy(snap(4, 2, {"alice": 1, "bob": 1}), now=1.0, grace=3.0)
     assert state.in_flight is None and state.allowance("alice") == claim(state.snapshot or {}, "alice") == 2
     state.saw_hooks(frozenset({"b-0"}))
-    assert state.saw_hooks(None)  # /proc/locks unreadable now: back to the snapshot's sessions
+    assert state.saw_hooks(None)[0]  # /proc/locks unreadable now: back to the snapshot's sessions
     assert state.in_flight is None and state.allowance("alice") == 2
+
+
+def with_demand(s: dict, demand: dict[str, int]) -> dict:  # type: ignore[type-arg]
+    s["builds"]["demand_by_client"] = demand
+    return s
+
+
+def test_clients_with_nothing_waiting_take_no_share() -> None:
+    # alice runs 3 builds there but has nothing waiting: bob takes all 4 free slots.
+    assert claim(with_demand(snap(7, 3, {"alice": 3}), {"alice": 0}), "bob") == 4
+    # She still has builds waiting: they share, as without the dispatchers' word.
+    assert claim(with_demand(snap(7, 3, {"alice": 3}), {"alice": 2}), "bob") == 2
+    assert claim(snap(7, 3, {"alice": 3}), "bob") == 2
+    # carol has no build there yet but waits for one: she competes too.
+    assert claim(with_demand(snap(7, 3, {"alice": 3}), {"alice": 0, "carol": 1}), "bob") == 2
+    # dave said nothing (an older dispatcher): his sessions count, as before.
+    assert claim(with_demand(snap(7, 3, {"dave": 3}), {"alice": 0}), "bob") == 2
+
+
+def test_a_demand_that_is_not_a_count_is_a_bad_snapshot() -> None:
+    for bad in ({"alice": -1}, {"alice": True}, {"alice": "3"}, ["alice"], {f"c{i}": 1 for i in range(5000)}):
+        with pytest.raises(BadSnapshot, match="demand_by_client"):
+            validate(json.dumps(with_demand(snap(1, 0), bad)).encode())  # type: ignore[arg-type]
+    assert validate(json.dumps(with_demand(snap(1, 0), {"alice": 2})).encode())["builds"]["demand_by_client"]
+
+
+def test_a_client_stops_competing_only_once_nothing_has_waited_for_a_reaction() -> None:
+    state = BuilderState(alice_with_one_builder().builders[0], reaction=2.0)
+    state.saw_waiting(0, now=10.0)
+    assert state.waiting == 0  # nothing has waited since it started: no demand
+    state.saw_waiting(3, now=11.0)
+    assert state.waiting == 3
+    state.saw_waiting(0, now=12.0)  # its builds just took their slots; snapshots lag
+    assert state.waiting == 3
+    state.saw_waiting(0, now=13.1)
+    assert state.waiting == 0

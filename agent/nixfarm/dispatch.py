@@ -28,12 +28,14 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from typing import Any
 
 import asyncssh
 
 from .atomic import write_atomic
 from .inventory import Builder, Inventory
+from .passes import HookPasses, PassesUnavailable
 from .slots import PROC_LOCKS, SlotHolds, flocked_inodes
 from .sshconn import connect_options
 
@@ -125,6 +127,10 @@ def validate(line: bytes) -> dict[str, Any]:
         raise BadSnapshot("max_jobs, active builds and store sizes must be non-negative integers")
     if not isinstance(sessions, dict) or not all(isinstance(v, int) for v in sessions.values()):
         raise BadSnapshot("builds.sessions_by_client must map client names to counts")
+    demand = snap["builds"].get("demand_by_client", {})
+    counts = demand.values() if isinstance(demand, dict) else [None]
+    if len(demand) > MAX_BUILDS or not all(_count(v) for v in counts):
+        raise BadSnapshot(f"builds.demand_by_client must map at most {MAX_BUILDS} client names to counts")
     if not isinstance(ages, list) or not isinstance(finished, list):
         raise BadSnapshot("builds.ages_seconds and builds.finished must be lists")
     if len(ages) > MAX_BUILDS or len(finished) > MAX_BUILDS:
@@ -133,6 +139,10 @@ def validate(line: bytes) -> dict[str, Any]:
     if not pairs or not all(_seconds(t) for t in [*ages, *(t for p in finished for t in p)]):
         raise BadSnapshot("builds.finished must hold [seconds ago, seconds it ran] pairs of numbers >= 0")
     return snap
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1_000_000
 
 
 def _seconds(value: Any) -> bool:
@@ -165,17 +175,26 @@ def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0)
     moment a slot frees, where a build waiting on its client starts only at
     the client's next poll. A builder busy with long builds gets none, so
     nothing parks behind them. free = capacity + that many - active -
-    unseen, shared among the clients that hold build sessions there now
-    (plus this one). If the share rounds to zero but slots are free, each
+    unseen, shared among the clients that want it (competing()) and this
+    one. If the share rounds to zero but slots are free, each
     competitor may take one: at most (competitors - 1) builds too many,
     seen and corrected at the next snapshot, one interval later.
     """
     capacity = snap["nix_config"]["max_jobs"]
-    sessions = snap["builds"].get("sessions_by_client", {})
     active = snap["builds"]["active"]
     free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
-    competitors = 1 + sum(1 for client, n in sessions.items() if n > 0 and client != me)
+    competitors = 1 + len(competing(snap) - {me})
     return free // competitors or (1 if free else 0)
+
+
+def competing(snap: dict[str, Any]) -> set[str]:
+    """The clients that want a builder's free slots: those with builds waiting for a
+    machine, as their dispatchers told it (builds.demand_by_client), and those it has
+    no word from with a build session there (an older dispatcher, or none)."""
+    sessions = snap["builds"].get("sessions_by_client", {})
+    demand = snap["builds"].get("demand_by_client", {})
+    waiting = {client for client, n in demand.items() if n > 0}
+    return waiting | {client for client, n in sessions.items() if n > 0 and client not in demand}
 
 
 def claim(snap: dict[str, Any], me: str, reaction: float = 0.0) -> int:
@@ -218,6 +237,12 @@ class BuilderState:
         self.in_flight_at_snapshot = 0  # when the last snapshot came
         self.sent_since_snapshot = 0  # builds its hooks took a slot for since then
         self._taken: frozenset[str] = frozenset()
+        # This client's builds waiting for a machine that could be this one (passes.py), and
+        # what its stream was last told of them (demand.py); None: not known, not told.
+        self.waiting: int | None = None
+        self._waited_at = 0.0  # when a build last waited for it
+        self.told: int | None = None
+        self.stream_input: asyncssh.SSHWriter[bytes] | None = None
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
@@ -239,15 +264,38 @@ class BuilderState:
         else:
             self.state, self.reason = "healthy", f"low disk: {free >> 20} MiB free, GC should catch up"
 
-    def saw_hooks(self, taken: frozenset[str] | None) -> bool:
-        """Record the slot locks this client's hooks hold there now; True if they changed."""
+    def saw_hooks(self, taken: frozenset[str] | None) -> tuple[bool, int]:
+        """Record the slot locks this client's hooks hold there now: (changed, slots newly taken)."""
+        new = 0
         if taken is None:
             changed, self.in_flight = self.in_flight is not None, None
         else:
-            self.sent_since_snapshot += len(taken - self._taken)
+            new = len(taken - self._taken)
+            self.sent_since_snapshot += new
             changed, self.in_flight = taken != self._taken, len(taken)
         self._taken = taken or frozenset()
-        return changed
+        return changed, new
+
+    def saw_waiting(self, count: int, now: float) -> None:
+        """Take the count of this client's builds waiting for this builder (passes.py).
+
+        A fall to none is told only after it has lasted one reaction: the
+        builds that just took their slots are not in the builders' snapshots
+        yet, and a client that stopped competing at once would let the others
+        share the slots those builds are about to fill.
+        """
+        if count > 0 or self.waiting is None:
+            self.waiting, self._waited_at = count, now
+        elif now - self._waited_at >= self.reaction:
+            self.waiting = 0
+
+    def tell_demand(self) -> None:
+        """Tell the builder's stream how many of this client's builds wait for it, if that changed."""
+        if self.stream_input is None or self.waiting is None or self.waiting == self.told:
+            return
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.stream_input.write(f"demand {self.waiting}\n".encode())
+        self.told = self.waiting
 
     def failed(self, state: str, reason: str, settings: Settings) -> float:
         """Record a failure; returns seconds until the next attempt."""
@@ -316,6 +364,7 @@ class BuilderState:
             # Of its capacity, the slots left to other clients now (all of them when left out).
             "held_back": max(0, self.capacity() - self.allowance(inventory.client_name)),
             "in_flight": self.in_flight,
+            "waiting": self.waiting,  # this client's builds waiting for a machine like it
             # Builds it may take beyond its capacity now (claim()); only a healthy builder takes any.
             "ahead": ending_soon(snap, self.reaction) if self.state == "healthy" and snap else 0,
             "snapshot": snap,
@@ -467,10 +516,14 @@ class Dispatcher:
 
     async def watch_hooks(self) -> None:
         """Follow this client's builds in flight (its hooks' slot locks) every HOOK_POLL s, and
-        hold more as soon as a hook takes a slot: the next build must see the allowance left."""
+        hold more as soon as a hook takes a slot: the next build must see the allowance left.
+        Also count its builds waiting for a machine (the hook's passes) and tell the builders."""
         problem = ""
+        passes = self._hook_passes()
+        accepted: deque[float] = deque(maxlen=4096)  # when this client's hooks took slots
         while True:
             await asyncio.sleep(HOOK_POLL)
+            now = time.monotonic()
             try:
                 flocked: set[int] | None = flocked_inodes()
                 problem = ""
@@ -484,9 +537,39 @@ class Dispatcher:
             for state in self.states.values():
                 uri = state.builder.store_uri
                 taken = None if flocked is None else self.holds.taken_by_nix(uri, width, flocked)
-                changed = state.saw_hooks(taken) or changed
+                moved, new = state.saw_hooks(taken)
+                changed = changed or moved
+                accepted.extend([now] * new)
             if changed:
                 self.hold_slots()
+            if passes is not None:
+                passes = self._count_waiting(passes, now, list(accepted))
+
+    def _hook_passes(self) -> HookPasses | None:
+        try:
+            return HookPasses(self.holds.directory)
+        except (PassesUnavailable, OSError) as e:
+            log.warning(
+                "cannot watch %s (%s): builders are not told of the builds waiting", self.holds.directory, e
+            )
+            return None
+
+    def _count_waiting(self, passes: HookPasses, now: float, accepted: list[float]) -> HookPasses | None:
+        """Read the hook's passes and tell each builder how many builds wait for it; None when
+        watching stopped working (it was logged), so that nothing wrong is told."""
+        try:
+            passes.watch([s.builder.store_uri for s in self.states.values() if s.listed()])
+            passes.read(now, self.holds.take_own_opens())
+        except OSError as e:
+            log.warning("cannot watch %s any more (%s): builders are not told of the builds waiting",
+                        self.holds.directory, e)  # fmt: skip
+            passes.close()
+            return None
+        within = self.settings.build_poll_interval + 1.0  # one round of Nix's questions at least
+        for state in self.states.values():
+            state.saw_waiting(passes.waiting(state.builder.store_uri, now, accepted, within), now)
+            state.tell_demand()
+        return passes
 
     async def follow(self, state: BuilderState) -> None:
         """Keep one stream to `state.builder` going, forever, with backoff on failure."""
@@ -512,32 +595,40 @@ class Dispatcher:
             proc = await conn.create_process(
                 f"nixfarm stream --interval {self.settings.interval:g}", encoding=None
             )
-            buffer = b""
-            while True:
-                try:
-                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes
-                    # as the read completes, and the dispatcher then never stopped (seen).
-                    async with asyncio.timeout(self.settings.stall_timeout):
-                        chunk = await proc.stdout.read(65536)
-                except TimeoutError:
-                    # A stalled agent or a dead link: the keepalives will tell which. Until
-                    # then the builder is left out, or Nix would keep sending it builds
-                    # whose connections hang.
-                    if not state.stalled:
-                        state.state, state.stalled = "degraded", True
-                        state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
-                        self.changed()
-                    continue
-                if not chunk:
-                    err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
-                    raise OSError(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                if len(buffer) > MAX_LINE:
-                    raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
-                for line in lines:
-                    state.healthy(validate(line), time.time(), self.settings.disk_grace)
+            state.stream_input, state.told = proc.stdin, None  # a new stream is told anew
+            try:
+                await self._read_snapshots(state, proc)
+            finally:
+                state.stream_input = None
+
+    async def _read_snapshots(self, state: BuilderState, proc: asyncssh.SSHClientProcess[bytes]) -> None:
+        """Take the stream's lines as snapshots until it ends (OSError) or sends garbage (BadSnapshot)."""
+        buffer = b""
+        while True:
+            try:
+                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes
+                # as the read completes, and the dispatcher then never stopped (seen).
+                async with asyncio.timeout(self.settings.stall_timeout):
+                    chunk = await proc.stdout.read(65536)
+            except TimeoutError:
+                # A stalled agent or a dead link: the keepalives will tell which. Until
+                # then the builder is left out, or Nix would keep sending it builds
+                # whose connections hang.
+                if not state.stalled:
+                    state.state, state.stalled = "degraded", True
+                    state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
                     self.changed()
+                continue
+            if not chunk:
+                err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+                raise OSError(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            if len(buffer) > MAX_LINE:
+                raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
+            for line in lines:
+                state.healthy(validate(line), time.time(), self.settings.disk_grace)
+                self.changed()
 
     def builder_connection(self, b: Builder) -> dict[str, Any]:
         """asyncssh.connect() arguments: the client key, the pinned host key, keepalives."""

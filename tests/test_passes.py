@@ -1,0 +1,62 @@
+"""Counting this client's builds that wait for a machine from the passes of real Nix's build hook."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from conftest import Client
+from farm import Farm
+from nixfarm.passes import HookPasses
+from nixfarm.slots import SlotHolds, flocked_inodes
+
+CURRENT_LOAD = "/nix/var/nix/current-load"  # the host store's: `Client` builds there
+
+
+def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Farm) -> None:
+    key = farm.add_client("alice")
+    b1, b2 = (farm.add_builder(n, clients={"alice": "build"}, max_jobs=2) for n in ("b1", "b2"))
+    uris = [f"ssh-ng://nixfarm@{b.address}" for b in (b1, b2)]
+    os.makedirs(CURRENT_LOAD, exist_ok=True)
+    holds, passes = SlotHolds(CURRENT_LOAD), HookPasses(CURRENT_LOAD)
+    client = Client(farm.root, poll_interval=1)
+    machines = "\n".join(b.machines_line(key, max_jobs=2) for b in (b1, b2))
+    accepted: list[float] = []  # when a hook took a slot, seen as the dispatcher sees it
+    taken: set[str] = set()
+
+    def waiting_after(seconds: float) -> list[int]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            passes.read(now, holds.take_own_opens())
+            locked = flocked_inodes()
+            held = set().union(*(holds.taken_by_nix(u, 2, locked) for u in uris))
+            accepted.extend([now] * len(held - taken))
+            taken.clear()
+            taken.update(held)
+            time.sleep(0.05)
+        return [passes.waiting(u, time.monotonic(), accepted, within=2.0) for u in uris]
+
+    for uri in uris:
+        holds.hold(uri, 2, 2)  # every slot held: Nix's hook postpones every build
+    passes.watch(uris)
+    proc = subprocess.Popen(client.build_argv(machines, count=3, seconds=3), env=client.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert waiting_after(3) == [3, 3]  # each pass looks at both builders
+        holds.hold(uris[0], 2, 8)  # our own opens of the slot files are not Nix's passes
+        assert waiting_after(0.5) == [3, 3]
+        holds.hold(uris[0], 2, 1)  # one slot free on b1: the next round places a build there
+        assert waiting_after(2.5) == [2, 2]
+        assert len(accepted) == 1
+        holds.release_all()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert waiting_after(2.5) == [0, 0]  # nothing waits any more: no passes
+    finally:
+        holds.release_all()
+        passes.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
