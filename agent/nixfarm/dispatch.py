@@ -4,18 +4,26 @@ One long-lived SSH session per builder runs `nixfarm stream` through the
 gateway, with the client's key and the builder's pinned host key (strict
 checking, as nix-daemon does). From each stream the dispatcher keeps a state:
 
-  healthy   fresh snapshots: listed with its capacity and a speedFactor from
-            the load; the slots this client must leave to others are held
-            back in Nix's own load accounting (slots.py)
+  healthy   fresh snapshots: listed; what this client may send it follows
+            the load of all clients, and the rest of its line is held in
+            Nix's own load accounting (slots.py)
   degraded  reachable, but its metrics cannot be trusted (garbage, a wrong
-            schema, a stalled stream): listed with the inventory's static
-            values, as stock Nix would list it
+            schema, a stalled stream): offers the inventory's static
+            max_jobs, as stock Nix would
   down      unreachable, or its store is below min-free and not recovering:
             left out of the file
 
+Every line is as wide as the biggest builder, so Nix's hook sends each
+build where this client may still send the most. Beside the streams, the
+dispatcher reads its own client's hooks every HOOK_POLL s: the slot locks
+they hold (its builds in flight, from /proc/locks) and their passes over
+the lock files (its builds waiting for a machine, passes.py), which it
+tells each builder down the stream (demand.py).
+
 Failures are retried with exponential backoff and jitter (Hydra-style). The
 machines file is rewritten only when its content changes, atomically, and is
-always a file Nix accepts. README.md ("The dispatcher") explains the formula.
+always a file Nix accepts; the inventory's static lines go back when the
+dispatcher stops. README.md ("The dispatcher") explains the formula.
 """
 
 from __future__ import annotations
