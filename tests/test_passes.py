@@ -19,7 +19,7 @@ def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Far
     b1, b2 = (farm.add_builder(n, clients={"alice": "build"}, max_jobs=2) for n in ("b1", "b2"))
     uris = [f"ssh-ng://nixfarm@{b.address}" for b in (b1, b2)]
     os.makedirs(CURRENT_LOAD, exist_ok=True)
-    holds, passes = SlotHolds(CURRENT_LOAD), HookPasses(CURRENT_LOAD)
+    holds, passes = SlotHolds(CURRENT_LOAD), HookPasses(CURRENT_LOAD, window=2.0)
     client = Client(farm.root, poll_interval=1)
     machines = "\n".join(b.machines_line(key, max_jobs=2) for b in (b1, b2))
     accepted: list[float] = []  # when a hook took a slot, seen as the dispatcher sees it
@@ -33,10 +33,11 @@ def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Far
             locked = flocked_inodes()
             held = set().union(*(holds.taken_by_nix(u, 2, locked) for u in uris))
             accepted.extend([now] * len(held - taken))
+            passes.took(now, len(held - taken))
             taken.clear()
             taken.update(held)
             time.sleep(0.05)
-        return [passes.waiting(u, time.monotonic(), accepted, within=2.0) for u in uris]
+        return [passes.waiting(u, time.monotonic()) for u in uris]
 
     for uri in uris:
         holds.hold(uri, 2, 2)  # every slot held: Nix's hook postpones every build
@@ -51,7 +52,7 @@ def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Far
         assert waiting_after(2.5) == [2, 2]
         assert len(accepted) == 1
         holds.release_all()
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
         assert waiting_after(2.5) == [0, 0]  # nothing waits any more: no passes
     finally:

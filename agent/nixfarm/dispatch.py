@@ -36,7 +36,6 @@ import os
 import random
 import signal
 import time
-from collections import deque
 from typing import Any
 
 import asyncssh
@@ -528,7 +527,6 @@ class Dispatcher:
         Also count its builds waiting for a machine (the hook's passes) and tell the builders."""
         problem = ""
         passes = self._hook_passes()
-        accepted: deque[float] = deque(maxlen=4096)  # when this client's hooks took slots
         while True:
             await asyncio.sleep(HOOK_POLL)
             now = time.monotonic()
@@ -547,22 +545,24 @@ class Dispatcher:
                 taken = None if flocked is None else self.holds.taken_by_nix(uri, width, flocked)
                 moved, new = state.saw_hooks(taken)
                 changed = changed or moved
-                accepted.extend([now] * new)
+                if passes is not None:
+                    passes.took(now, new)
             if changed:
                 self.hold_slots()
             if passes is not None:
-                passes = self._count_waiting(passes, now, list(accepted))
+                passes = self._count_waiting(passes, now)
 
     def _hook_passes(self) -> HookPasses | None:
         try:
-            return HookPasses(self.holds.directory)
+            # Looks back one round of Nix's questions at least (build-poll-interval).
+            return HookPasses(self.holds.directory, window=self.settings.build_poll_interval + 1.0)
         except (PassesUnavailable, OSError) as e:
             log.warning(
                 "cannot watch %s (%s): builders are not told of the builds waiting", self.holds.directory, e
             )
             return None
 
-    def _count_waiting(self, passes: HookPasses, now: float, accepted: list[float]) -> HookPasses | None:
+    def _count_waiting(self, passes: HookPasses, now: float) -> HookPasses | None:
         """Read the hook's passes and tell each builder how many builds wait for it; None when
         watching stopped working (it was logged), so that nothing wrong is told."""
         try:
@@ -573,9 +573,8 @@ class Dispatcher:
                         self.holds.directory, e)  # fmt: skip
             passes.close()
             return None
-        within = self.settings.build_poll_interval + 1.0  # one round of Nix's questions at least
         for state in self.states.values():
-            state.saw_waiting(passes.waiting(state.builder.store_uri, now, accepted, within), now)
+            state.saw_waiting(passes.waiting(state.builder.store_uri, now), now)
             state.tell_demand()
         return passes
 

@@ -54,8 +54,9 @@ def _libc() -> ctypes.CDLL:
 class HookPasses:
     """Counts the passes of Nix's build hook over each builder's slot-0 lock files."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, window: float) -> None:
         self.directory = directory
+        self.window = window  # seconds of passes looked at: at least one round of Nix's questions
         self._libc = _libc()
         self._fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self._fd < 0:
@@ -63,6 +64,7 @@ class HookPasses:
         self._watches: dict[int, str | None] = {}  # wd -> store URI (None: main-lock)
         self._uris: set[str] = set()
         self._opens: dict[str, deque[float]] = {}  # store URI -> times of its slot-0 opens
+        self._took: deque[float] = deque(maxlen=KEEP)  # when this client's hooks took slots
         self.lost = False  # the kernel dropped events (queue overflow): counts are low
 
     def close(self) -> None:
@@ -124,27 +126,35 @@ class HookPasses:
                     continue
                 self._opens[uri].append(now)
 
-    def waiting(self, store_uri: str, now: float, accepted: list[float], within: float) -> int:
-        """Builds waiting for `store_uri`, as of the bursts of passes in the last `within` s.
+    def took(self, now: float, slots: int) -> None:
+        """This client's hooks took `slots` slots (on any builder) by `now` (slots.py)."""
+        self._took.extend([now] * slots)
+
+    def waiting(self, store_uri: str, now: float) -> int:
+        """Builds waiting for `store_uri`, as of the bursts of passes in the last window.
 
         Each burst is one round of Nix asking about its builds; the ones that
-        took a slot during it (`accepted`: when this client's hooks took
-        slots) no longer wait. The largest count of the recent bursts: a
-        burst of first tries between two rounds is not a smaller demand.
+        took a slot during it no longer wait. The largest count of the recent
+        bursts: a burst of first tries between two rounds is not a smaller
+        demand.
         """
+        opens = self._opens.get(store_uri, deque())
+        for times in (opens, self._took):
+            while times and now - times[0] > self.window + BURST_GAP:
+                times.popleft()
         bursts: list[tuple[float, float, int]] = []  # (first open, last open, opens)
-        for t in self._opens.get(store_uri, ()):
-            if now - t > within:
+        for t in opens:
+            if now - t > self.window:
                 continue
             if bursts and t - bursts[-1][1] <= BURST_GAP:
                 first, _, count = bursts[-1]
                 bursts[-1] = (first, t, count + 1)
             else:
                 bursts.append((t, t, 1))
-        return max([0, *(count - _during(accepted, first, last) for first, last, count in bursts)])
+        return max([0, *(count - _during(self._took, first, last) for first, last, count in bursts)])
 
 
-def _during(times: list[float], start: float, end: float) -> int:
+def _during(times: deque[float], start: float, end: float) -> int:
     return sum(1 for t in times if start - BURST_GAP <= t <= end + BURST_GAP)
 
 
