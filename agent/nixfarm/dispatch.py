@@ -418,19 +418,19 @@ class Dispatcher:
         self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
         return self._width
 
-    def machines_content(self, held: bool = True) -> str:
-        """The machines file: faster builders first (the inventory's speed_factor), then bigger.
-
-        `held`: the slot locks could be taken. If not, each line offers the
-        builder's own capacity instead of the width, as a static file would.
-        """
+    def line_slots(self, held: bool) -> dict[str, int]:
+        """The maxJobs of each builder's line: the width, or, where the slot locks could
+        not be taken (`held` false), the builder's own capacity, as a static file would."""
         width = self.width()
+        return {name: width if held else s.capacity() for name, s in self.states.items()}
+
+    def machines_content(self, slots: dict[str, int]) -> str:
+        """The machines file (`slots`: line_slots()): faster builders first (the inventory's
+        speed_factor), then bigger."""
         order = sorted(
             self.states.values(), key=lambda s: (-s.builder.speed_factor, -s.capacity(), s.builder.name)
         )
-        lines = [
-            line for s in order if (line := s.machines_line(self.inventory, width if held else s.capacity()))
-        ]
+        lines = [line for s in order if (line := s.machines_line(self.inventory, slots[s.builder.name]))]
         header = f"# written by nixfarm dispatch: {len(lines)} of {len(self.states)} builders usable\n"
         return header + "".join(line + "\n" for line in lines)
 
@@ -448,7 +448,8 @@ class Dispatcher:
     def publish(self) -> None:
         """Rewrite the machines file if its content changed; always refresh the status."""
         held = self.hold_slots()  # before the file lists more free slots than Nix may take
-        content = self.machines_content(held)
+        slots = self.line_slots(held)
+        content = self.machines_content(slots)
         if content != self._written:
             write_atomic(self.machines_path, content.encode())
             self._written = content
@@ -459,9 +460,7 @@ class Dispatcher:
             "updated": time.time(),
             "interval": self.settings.interval,
             "width": self.width(),
-            "builders": [
-                s.status(self.inventory, self.width() if held else s.capacity()) for s in self.states.values()
-            ],
+            "builders": [s.status(self.inventory, slots[name]) for name, s in self.states.items()],
         }
         write_atomic(self.status_path, json.dumps(status).encode())
 
