@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -191,7 +192,15 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     args = parser.parse_args()
     # Ctrl-C and SIGTERM both end the demo through the farm's teardown.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    demo = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != demo:  # a helper pyroute2 forked, which pyroute2 stops with SIGTERM
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         summary = run(args.builds, args.seconds, args.static)
     except KeyboardInterrupt:

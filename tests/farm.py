@@ -190,6 +190,9 @@ class Farm:
         self.known_hosts = self.root / "known_hosts"
         self.known_hosts.touch()
         self.python = sys.executable
+        # pyroute2's NetNS forks helper processes that run on in copies of this
+        # process; only the one that made the farm may tear it down (close()).
+        self._owner = os.getpid()
         self.nixfarm = str(Path(sys.executable).parent / "nixfarm")
         ensure_builder_user()
         ensure_build_users()
@@ -561,7 +564,15 @@ class Farm:
                 time.sleep(0.05)  # its last processes are still exiting
 
     def close(self) -> None:
-        """Stop every builder and delete the farm directory; safe to call twice."""
+        """Stop every builder and delete the farm directory; safe to call twice.
+
+        A no-op in any other process than the one that made the farm: a helper
+        pyroute2 forked (NetNS) that is stopped with SIGTERM while a signal
+        handler of ours turns that into an exception unwinds through copies of
+        our frames, and once deleted the farm under the running demo (seen).
+        """
+        if os.getpid() != self._owner:
+            return
         errors = []
         for b in self.builders.values():
             try:

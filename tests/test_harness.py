@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import farm as farm_mod
@@ -58,3 +60,18 @@ def test_two_farms_side_by_side_get_their_own_addresses() -> None:
         assert a.address != b.address
         assert f1.ssh("alice", a, "nixfarm metrics").returncode == 0
         assert f2.ssh("alice", b, "nixfarm metrics").returncode == 0
+
+
+@pytest.mark.harness
+def test_a_forked_copy_of_the_process_cannot_tear_the_farm_down() -> None:
+    """pyroute2 forks helpers that run on in copies of our frames; one that unwinds
+    through a `with Farm()` must leave the farm alone (it once deleted the demo's)."""
+    with farm_mod.Farm() as f:
+        f.add_client("alice")
+        b = f.add_builder("b1", clients={"alice": "metrics"})
+        pid = os.fork()
+        if pid == 0:
+            f.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert f.root.exists() and f.ssh("alice", b, "nixfarm metrics").returncode == 0
