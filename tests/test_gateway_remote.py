@@ -150,9 +150,20 @@ def test_local_port_forwarding_is_refused(farm: Farm, builder: Builder) -> None:
                 time.sleep(0.1)
         assert banner == b"<closed>", f"forwarded connection answered: {banner!r}"
     finally:
-        tunnel.terminate()
-        _, stderr = tunnel.communicate(timeout=10)
+        stderr = _stop(tunnel)
     assert "administratively prohibited" in stderr
+
+
+def _stop(tunnel: subprocess.Popen[str]) -> str:
+    """End an `ssh -N` and return its stderr."""
+    tunnel.terminate()
+    try:
+        return tunnel.communicate(timeout=5)[1]
+    except subprocess.TimeoutExpired:
+        # Once in CI, OpenSSH 9.2's ssh -N was still running 10 s after SIGTERM (not reproduced in
+        # 60 runs since). How ssh exits is not what this test checks; the refusal in stderr is.
+        tunnel.kill()
+        return tunnel.communicate(timeout=10)[1]
 
 
 def test_remote_port_forwarding_is_refused(farm: Farm, builder: Builder) -> None:
