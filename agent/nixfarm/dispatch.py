@@ -41,8 +41,9 @@ from typing import Any
 import asyncssh
 
 from .atomic import write_atomic
+from .inotify import InotifyUnavailable
 from .inventory import Builder, Inventory
-from .passes import HookPasses, PassesUnavailable
+from .passes import HookPasses
 from .slots import PROC_LOCKS, SlotHolds, flocked_inodes
 from .sshconn import connect_options
 
@@ -555,7 +556,7 @@ class Dispatcher:
         try:
             # Looks back one round of Nix's questions at least (build-poll-interval).
             return HookPasses(self.holds.directory, window=self.settings.build_poll_interval + 1.0)
-        except (PassesUnavailable, OSError) as e:
+        except (InotifyUnavailable, OSError) as e:
             log.warning(
                 "cannot watch %s (%s): builders are not told of the builds waiting", self.holds.directory, e
             )

@@ -20,35 +20,14 @@ one-builder farm would otherwise be.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
-import struct
 from collections import deque
 
+from .inotify import IN_IGNORED, IN_OPEN, IN_Q_OVERFLOW, Inotify
 from .slots import lock_prefixes
-
-IN_OPEN = 0x00000020
-IN_IGNORED = 0x00008000  # the watched file is gone (its watch with it)
-IN_Q_OVERFLOW = 0x00004000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
-EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)
 
 BURST_GAP = 0.25  # seconds between opens that still belong to one burst of passes
 KEEP = 4096  # opens remembered per builder
-
-
-class PassesUnavailable(Exception):
-    """inotify cannot be used here (no libc function, or the kernel refuses)."""
-
-
-def _libc() -> ctypes.CDLL:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        raise PassesUnavailable("no C library found for inotify")
-    return ctypes.CDLL(name, use_errno=True)
 
 
 class HookPasses:
@@ -57,10 +36,7 @@ class HookPasses:
     def __init__(self, directory: str, window: float) -> None:
         self.directory = directory
         self.window = window  # seconds of passes looked at: at least one round of Nix's questions
-        self._libc = _libc()
-        self._fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self._fd < 0:
-            raise PassesUnavailable(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        self._inotify = Inotify()
         self._watches: dict[int, str | None] = {}  # wd -> store URI (None: main-lock)
         self._uris: set[str] = set()
         self._opens: dict[str, deque[float]] = {}  # store URI -> times of its slot-0 opens
@@ -68,7 +44,7 @@ class HookPasses:
         self.lost = False  # the kernel dropped events (queue overflow): counts are low
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._inotify.close()
 
     def watch(self, store_uris: list[str]) -> None:
         """Watch these builders' slot-0 files (and main-lock); files that are missing are made.
@@ -90,10 +66,7 @@ class HookPasses:
         path = os.path.join(self.directory, name)
         if not os.path.exists(path):
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        wd = self._libc.inotify_add_watch(self._fd, path.encode(), IN_OPEN)
-        if wd < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}: {os.strerror(ctypes.get_errno())}")
-        self._watches[wd] = uri  # the same wd again if it was watched already
+        self._watches[self._inotify.add_watch(path, IN_OPEN)] = uri  # the same wd if watched already
 
     def read(self, now: float, own: dict[str, int]) -> None:
         """Take the opens the kernel has queued, as happening `now`.
@@ -102,29 +75,20 @@ class HookPasses:
         since the last read (SlotHolds.take_own_opens); those are not Nix's.
         """
         skip = {uri: n for uri in self._uris if (n := sum(own.get(f"{p}-0", 0) for p in lock_prefixes(uri)))}
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
-            for wd, mask in _events(data):
-                if mask & IN_Q_OVERFLOW:
-                    self.lost = True
-                if mask & IN_IGNORED:
-                    self._watches.pop(wd, None)
-                    self._uris = set()  # watch() adds it again
-                    continue
-                uri = self._watches.get(wd)
-                if uri is None or not mask & IN_OPEN:
-                    continue
-                if skip.get(uri):
-                    skip[uri] -= 1
-                    continue
-                self._opens[uri].append(now)
+        for wd, mask in self._inotify.read():
+            if mask & IN_Q_OVERFLOW:
+                self.lost = True
+            if mask & IN_IGNORED:
+                self._watches.pop(wd, None)
+                self._uris = set()  # watch() adds it again
+                continue
+            uri = self._watches.get(wd)
+            if uri is None or not mask & IN_OPEN:
+                continue
+            if skip.get(uri):
+                skip[uri] -= 1
+                continue
+            self._opens[uri].append(now)
 
     def took(self, now: float, slots: int) -> None:
         """This client's hooks took `slots` slots (on any builder) by `now` (slots.py)."""
@@ -157,12 +121,3 @@ class HookPasses:
 def _during(times: deque[float], start: float, end: float) -> int:
     return sum(1 for t in times if start - BURST_GAP <= t <= end + BURST_GAP)
 
-
-def _events(data: bytes) -> list[tuple[int, int]]:
-    """(wd, mask) of each inotify event in a read."""
-    out, offset = [], 0
-    while offset + EVENT.size <= len(data):
-        wd, mask, _, length = EVENT.unpack_from(data, offset)
-        out.append((wd, mask))
-        offset += EVENT.size + length
-    return out
