@@ -44,13 +44,6 @@ def test_a_full_builder_gives_no_more_than_what_runs() -> None:
     assert claim(snap(0, 0), "alice") == 0  # max-jobs 0: not a builder
 
 
-def test_a_session_whose_build_has_not_started_yet_takes_its_slot() -> None:
-    # bob's 4 hooks have connected; one build runs, three are still copying their inputs.
-    assert claim(snap(4, 1, {"bob": 4}), "alice") == 0
-    # Builds that run without a session (the builder's own) count as well.
-    assert claim(snap(4, 4, {"bob": 1}), "alice") == 0
-
-
 def busy(capacity: int, active: int, ended_ago: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
     """A builder with `active` builds, where builds of 2 s ended that many seconds ago."""
     s = snap(capacity, active, sessions)
