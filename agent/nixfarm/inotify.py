@@ -1,8 +1,7 @@
 """A small inotify reader (libc through ctypes: the standard library has none).
 
-Used to watch files other programs open and close, without opening them:
-Nix's lock files on a client (passes.py), the build sessions' mark on a
-builder (sessions.py).
+Used to watch files other programs open, without opening them: the lock
+files of Nix's build hook on a client (passes.py).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import struct
 
 IN_OPEN = 0x00000020
-IN_CLOSE_NOWRITE = 0x00000010
 IN_IGNORED = 0x00008000  # the watched file is gone (its watch with it)
 IN_Q_OVERFLOW = 0x00004000
 EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)
