@@ -184,20 +184,15 @@ def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0)
     the client's next poll. A builder busy with long builds gets none, so
     nothing parks behind them. free = capacity + that many - active -
     unseen, shared among the clients that want it (competing()) and this
-    one. With fewer free slots than clients, one each goes to the clients
-    with the most builds waiting (builds.demand_by_client, the same in
-    every client's snapshot), ties by name: every client ranks them alike,
-    so no slot is taken twice, and each goes to a client with builds to send.
+    one. If the share rounds to zero but slots are free, each
+    competitor may take one: at most (competitors - 1) builds too many,
+    seen and corrected at the next snapshot, one interval later.
     """
     capacity = snap["nix_config"]["max_jobs"]
     active = snap["builds"]["active"]
     free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
-    rivals = competing(snap) - {me}
-    if free == 0 or free > len(rivals):
-        return free // (1 + len(rivals))
-    demand = snap["builds"].get("demand_by_client", {})
-    ranked = sorted(rivals | {me}, key=lambda client: (-demand.get(client, 0), client))
-    return 1 if me in ranked[:free] else 0
+    competitors = 1 + len(competing(snap) - {me})
+    return free // competitors or (1 if free else 0)
 
 
 def competing(snap: dict[str, Any]) -> set[str]:
