@@ -184,18 +184,15 @@ def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0)
     the client's next poll. A builder busy with long builds gets none, so
     nothing parks behind them. free = capacity + that many - active -
     unseen, shared among the clients that want it (competing()) and this
-    one. If the share rounds to zero but a slot is idle, each competitor
-    may take one: at most (competitors - 1) builds too many, which wait
-    there as builds ahead would, seen at the next snapshot. A place to wait
-    ahead is not rounded up so: a build too many there waits behind the
-    builds ahead, for a slot that another builder may free first.
+    one. If the share rounds to zero but slots are free, each
+    competitor may take one: at most (competitors - 1) builds too many,
+    seen and corrected at the next snapshot, one interval later.
     """
     capacity = snap["nix_config"]["max_jobs"]
     active = snap["builds"]["active"]
-    idle = capacity - active - unseen
-    free = max(0, idle + ending_soon(snap, reaction))
+    free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
     competitors = 1 + len(competing(snap) - {me})
-    return free // competitors or (1 if idle > 0 else 0)
+    return free // competitors or (1 if free else 0)
 
 
 def competing(snap: dict[str, Any]) -> set[str]:
