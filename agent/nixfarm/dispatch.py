@@ -342,15 +342,11 @@ class BuilderState:
         # this client that ends frees its lock, but not a new share: the slot it leaves
         # is the builder's to give at the next snapshot, to whoever's share it falls in
         # (often a build already waiting there), or this client would send a
-        # replacement behind it every time. Unless no build waited there for a slot:
-        # then the slot it leaves would idle until the next snapshot, and no other
-        # client's share counted it, so it is this client's again at once.
+        # replacement behind it every time.
         mine = self.snapshot["builds"].get("sessions_by_client", {}).get(me, 0)
         unseen = max(0, self.in_flight_at_snapshot - mine)
         budget = share(self.snapshot, me, self.reaction, unseen) - self.sent_since_snapshot
         capacity = self.capacity()
-        if self.snapshot["builds"]["active"] + unseen <= capacity:
-            budget += max(0, self.in_flight_at_snapshot + self.sent_since_snapshot - self.in_flight)
         return self.in_flight + max(0, min(budget, capacity - self.in_flight))
 
     def machines_line(self, inventory: Inventory, width: int) -> str | None:
