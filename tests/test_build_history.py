@@ -68,7 +68,7 @@ def test_the_record_the_agent_saves_is_what_a_later_stream_reads(tmp_path: Path)
     history.save(str(state))
     assert not history.unsaved
     record = read_builds_record(str(state))
-    assert record is not None and [t for _, t, _ in record] == [took]
+    assert record is not None and [t for _, t in record] == [took]
     assert abs(record[0][0] - time.time()) < 5  # when it ended, wall clock
     assert (state / BUILDS_RECORD).stat().st_mode & 0o777 == 0o644  # streams run as the builder user
 
@@ -77,27 +77,9 @@ def test_old_or_broken_records_are_no_record(tmp_path: Path) -> None:
     path = tmp_path / BUILDS_RECORD
     path.write_text(json.dumps({"finished": [[time.time() - 700, 2.0]]}))  # ended 11 minutes ago
     assert read_builds_record(str(tmp_path)) is None
-    now = time.time()
-    for broken in ("{trunc", "[]", '{"finished": [["x", 2.0, "1/2"]]}', f'{{"finished": [[{now}, 2.0]]}}'):
-        path.write_text(broken)  # the last: no build named, as agents before 2026-12 wrote it
+    for broken in ("{trunc", "[]", '{"finished": [["x", 2.0]]}', '{"finished": [[1, 2, 3]]}'):
+        path.write_text(broken)
         assert read_builds_record(str(tmp_path)) is None, broken
-    path.write_text(json.dumps({"finished": [[now, -1.0, "1/1"], [now, 2.5, "1/2"], [now, 1.0, 7]]}))
+    path.write_text(json.dumps({"finished": [[time.time(), -1.0], [time.time(), 2.5]]}))
     record = read_builds_record(str(tmp_path))
-    assert record is not None and [t for _, t, _ in record] == [2.5]  # bad duration, bad name: dropped
-
-
-def test_a_stream_counts_a_build_the_agent_saw_end_too_once(tmp_path: Path) -> None:
-    history = BuildHistory(frozenset({BUILD_USER}), proc=str(tmp_path))
-    start = started_ago(3.0)
-    put_process(tmp_path, 100, BUILD_USER, start)
-    history.look()
-    remove_process(tmp_path, 100)
-    history.look()
-    ((seen_at, took, key),) = history.finished_with(None)
-    assert key == f"{BUILD_USER}/{start}"
-    # The agent saw the same build end a little later, and another one before this stream began.
-    record = [(seen_at - 30, 2.0, f"{BUILD_USER}/1"), (seen_at + 0.7, took + 0.3, key)]
-    merged = history.finished_with(record)
-    assert merged == [(seen_at - 30, 2.0, f"{BUILD_USER}/1"), (seen_at, took, key)]
-    # And the other way round: the agent's look came first.
-    assert history.finished_with([(seen_at - 0.4, took - 0.2, key)]) == [(seen_at - 0.4, took - 0.2, key)]
+    assert record is not None and [t for _, t in record] == [2.5]  # a negative duration is dropped

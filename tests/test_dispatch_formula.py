@@ -44,13 +44,6 @@ def test_a_full_builder_gives_no_more_than_what_runs() -> None:
     assert claim(snap(0, 0), "alice") == 0  # max-jobs 0: not a builder
 
 
-def test_a_session_whose_build_has_not_started_yet_takes_its_slot() -> None:
-    # bob's 4 hooks have connected; one build runs, three are still copying their inputs.
-    assert claim(snap(4, 1, {"bob": 4}), "alice") == 0
-    # Builds that run without a session (the builder's own) count as well.
-    assert claim(snap(4, 4, {"bob": 1}), "alice") == 0
-
-
 def busy(capacity: int, active: int, ended_ago: list[float], sessions: dict[str, int]) -> dict:  # type: ignore[type-arg]
     """A builder with `active` builds, where builds of 2 s ended that many seconds ago."""
     s = snap(capacity, active, sessions)
@@ -288,22 +281,9 @@ def test_a_budget_per_snapshot_what_ends_is_not_sent_again() -> None:
     assert state.saw_hooks(frozenset({"b-0"})) == (True, 1)  # her hook took a slot for it
     assert state.allowance("alice") == 1  # that one, and no more
     state.saw_hooks(frozenset())  # it ended before the next snapshot
-    # No build waited there: the slot it leaves would idle until the next snapshot.
-    assert state.allowance("alice") == 1
+    assert state.allowance("alice") == 0  # its slot is not hers to fill again
     state.healthy(snap(4, 2, {"bob": 2}), now=2.0, grace=3.0)
     assert state.allowance("alice") == 1  # the next snapshot shares what is free then
-
-
-def test_a_build_that_ends_where_builds_wait_leaves_its_slot_to_them() -> None:
-    inventory = alice_with_one_builder()
-    state = BuilderState(inventory.builders[0], reaction=2.0)
-    state.saw_hooks(frozenset({"b-0"}))
-    # 4 slots, 6 builds: alice's 1 and bob's 5, two of which wait for a slot there,
-    # as many as ended within the reaction: no room left.
-    state.healthy(busy(4, 6, [0.5, 1.0], {"alice": 1, "bob": 5}), now=1.0, grace=3.0)
-    assert state.allowance("alice") == 1  # hers, no more
-    state.saw_hooks(frozenset())  # hers ended: the slot goes to a build waiting there
-    assert state.allowance("alice") == 0
 
 
 def test_builds_the_snapshot_does_not_show_yet_are_counted() -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import Client
 from farm import Builder, Farm
 
 
@@ -112,63 +110,3 @@ def test_a_build_key_s_demand_reaches_every_stream_and_ends_with_its_session(far
         for proc in (alice, bob, watcher):
             proc.kill()
             proc.wait()
-
-
-class Lines:
-    """A stream's snapshots as they come, each with when it came (a thread reads them)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.seen: list[tuple[float, dict]] = []  # type: ignore[type-arg]
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.seen.append((time.monotonic(), json.loads(line)))
-
-    def sessions(self) -> list[dict[str, int]]:
-        return [snap["builds"]["sessions_by_client"] for _, snap in self.seen]
-
-
-def test_a_stream_asked_to_sends_a_snapshot_when_a_build_session_begins_and_ends(
-    farm: Farm, client: Client
-) -> None:
-    """With `snapshots on-change`, a build session's start and end each bring a snapshot
-    at once (sessions.py), not one interval later; a stream not asked keeps its interval."""
-    key = farm.add_client("alice")
-    farm.add_client("watcher")
-    b = farm.add_builder("b1", clients={"alice": "build", "watcher": "metrics"})
-    farm.start_agent(b, "--interval", "1")  # it makes the sessions' mark
-
-    def stream(name: str, ask: bool) -> Lines:
-        argv = [*farm.ssh_argv(name, b), "nixfarm stream --interval 60"]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert proc.stdin is not None
-        if ask:
-            proc.stdin.write("snapshots on-change\n")
-            proc.stdin.flush()
-        return Lines(proc)
-
-    asked, plain = stream("alice", ask=True), stream("watcher", ask=False)
-    try:
-        deadline = time.monotonic() + 10
-        while not (asked.seen and plain.seen) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert asked.seen and plain.seen, "no first snapshot"
-        time.sleep(0.5)  # the request has reached the stream
-        result = client.build(b.machines_line(key), seconds=2)
-        ended = time.monotonic()
-        assert result.returncode == 0, result.stderr
-        while {"alice": 1} not in asked.sessions() or asked.sessions()[-1] != {}:
-            assert time.monotonic() < ended + 5, f"no snapshot at the session's end: {asked.sessions()}"
-            time.sleep(0.05)
-    finally:
-        for lines in (asked, plain):
-            lines.proc.kill()
-            lines.proc.wait()
-    # The session was seen while it lasted, and its end soon after.
-    assert asked.seen[-1][0] - ended < 1.0
-    assert len(asked.seen) <= 1 + 2 * 3, "a few snapshots per session, not a flood"
-    assert len(plain.seen) == 1  # its next one is 60 s away

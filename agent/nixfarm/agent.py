@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from . import control, demand, logs, sessions
+from . import control, demand, logs
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
 from .metrics import Collector, read_store_fs
@@ -77,12 +77,6 @@ class Agent:
             demand.prepare_dir(self.config.state_dir, self.config.control_group)
         except (OSError, KeyError) as e:  # KeyError: no such group
             self.log.warning("no place for the clients' demand (streams will not report it): %s", e)
-        try:
-            sessions.make_mark(self.config.state_dir)
-        except OSError as e:
-            self.log.warning(
-                "cannot make the build sessions' mark (streams will keep to their interval): %s", e
-            )
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import signal
+import stat
 import sys
 import time
 
@@ -22,6 +25,7 @@ from .errors import NixfarmError, UsageError
 # name TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
 
@@ -259,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report_warnings(warnings: list[str]) -> None:
+def _report_warnings(warnings: list[str]) -> None:
     for w in warnings:
         print(f"nixfarm: warning: {w}", file=sys.stderr)
 
@@ -281,8 +285,105 @@ def print_metrics(config: AgentConfig, output_format: str) -> int:
         indent = 2 if sys.stdout.isatty() else None
         sys.stdout.write(json.dumps(snap, indent=indent, sort_keys=True) + "\n")
     sys.stdout.flush()
-    report_warnings(collector.take_warnings())
+    _report_warnings(collector.take_warnings())
     return 0
+
+
+def _stdin_is_a_session() -> bool:
+    """True if stdin is a pipe or socket, whose end means the session closed.
+
+    /dev/null or a file is at its end at once and says nothing about the reader.
+    """
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+class _Input:
+    """The stream's stdin: its end ends the stream; its lines may carry the client's demand.
+
+    Input is untrusted and bounded: lines over demand.MAX_LINE bytes, and
+    anything but `demand N`, are dropped.
+    """
+
+    def __init__(self, watch: bool) -> None:
+        self.watch = watch
+        self._partial = b""
+        self._discarding = False  # inside a line too long to be ours, until its newline
+
+    def wait(self, timeout: float, on_demand: Callable[[int], None]) -> bool:
+        """Read stdin for up to `timeout` s; True once a watched stdin reaches its end."""
+        from . import demand  # not at the top: the gateway's path to nix-daemon stays short
+
+        deadline = time.monotonic() + timeout
+        if not self.watch:
+            time.sleep(timeout)
+            return False
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([0], [], [], left)
+            if not ready:
+                return False
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return True
+            if not data:
+                return True
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            if self._discarding and lines:
+                lines, self._discarding = lines[1:], False  # the rest of a line too long to be ours
+            if len(self._partial) > demand.MAX_LINE:
+                self._partial, self._discarding = b"", True
+            for line in lines:
+                count = demand.parse_line(line) if len(line) <= demand.MAX_LINE else None
+                if count is not None:
+                    on_demand(count)
+        return False
+
+
+def run_stream(
+    config: AgentConfig, interval: float, count: int | None = None, client: str | None = None
+) -> int:
+    """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks.
+
+    With `client` (the gateway names it, for the build and admin roles), a
+    `demand N` line on stdin is kept as that client's builds waiting for a
+    machine (demand.py); other input is ignored.
+    """
+    from . import demand
+    from .metrics import Collector
+
+    # A session may also end with SIGHUP: that means "done", quietly. (SIGPIPE
+    # stays ignored, as Python sets it, so a gone reader is a BrokenPipeError.)
+    signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
+    stdin = _Input(_stdin_is_a_session())
+    collector = Collector(config)
+    kept = demand.ClientDemand(config.state_dir, client) if client else None
+    deadline = time.monotonic() + config.stream_max_seconds
+    sent = 0
+    try:
+        while True:
+            if kept:
+                kept.refresh()
+                if kept.problem:
+                    collector.warnings.append(kept.problem)
+            line = json.dumps(collector.snapshot(), sort_keys=True).encode() + b"\n"
+            try:
+                os.write(1, line)  # unbuffered: a reader sees each line at once
+            except BrokenPipeError:
+                return 0
+            _report_warnings(collector.take_warnings())
+            sent += 1
+            if count is not None and sent >= count:
+                return 0
+            if time.monotonic() >= deadline or stdin.wait(interval, kept.set if kept else lambda _: None):
+                return 0
+    finally:
+        if kept:
+            kept.remove()
+        collector.close()
 
 
 def _mib(n: int | None) -> str:
@@ -410,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "metrics":
             return print_metrics(config, args.format)
         if args.command == "stream":
-            from .stream import run_stream
-
             return run_stream(config, args.interval, args.count)
         if args.command == "gateway":
             from . import gateway

@@ -175,25 +175,22 @@ def ending_soon(snap: dict[str, Any], within: float) -> int:
 def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0) -> int:
     """How many builds this client may send a healthy builder beyond those it has there.
 
-    capacity = the builder's max-jobs; busy = builds there from all
-    clients: the build sessions open there, or the builds running if more
-    (a session is a build from its first byte; its build starts once its
-    inputs are copied); unseen = builds this client sent that the snapshot
-    does not show yet (a hook was still connecting). A builder may hold, beyond its
+    capacity = the builder's max-jobs; active = builds there from all
+    clients; unseen = builds this client sent that the snapshot does not
+    show yet (a hook was still connecting). A builder may hold, beyond its
     capacity, as many builds as slots will likely free within one
     `reaction` of the clients (ending_soon): they wait there and start the
     moment a slot frees, where a build waiting on its client starts only at
     the client's next poll. A builder busy with long builds gets none, so
-    nothing parks behind them. free = capacity + that many - busy -
+    nothing parks behind them. free = capacity + that many - active -
     unseen, shared among the clients that want it (competing()) and this
     one. If the share rounds to zero but slots are free, each
     competitor may take one: at most (competitors - 1) builds too many,
     seen and corrected at the next snapshot, one interval later.
     """
     capacity = snap["nix_config"]["max_jobs"]
-    sessions = sum(snap["builds"].get("sessions_by_client", {}).values())
-    busy = max(snap["builds"]["active"], sessions)
-    free = max(0, capacity + ending_soon(snap, reaction) - busy - unseen)
+    active = snap["builds"]["active"]
+    free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
     competitors = 1 + len(competing(snap) - {me})
     return free // competitors or (1 if free else 0)
 
@@ -345,15 +342,11 @@ class BuilderState:
         # this client that ends frees its lock, but not a new share: the slot it leaves
         # is the builder's to give at the next snapshot, to whoever's share it falls in
         # (often a build already waiting there), or this client would send a
-        # replacement behind it every time. Unless no build waited there for a slot:
-        # then the slot it leaves would idle until the next snapshot, and no other
-        # client's share counted it, so it is this client's again at once.
+        # replacement behind it every time.
         mine = self.snapshot["builds"].get("sessions_by_client", {}).get(me, 0)
         unseen = max(0, self.in_flight_at_snapshot - mine)
         budget = share(self.snapshot, me, self.reaction, unseen) - self.sent_since_snapshot
         capacity = self.capacity()
-        if self.snapshot["builds"]["active"] + unseen <= capacity:
-            budget += max(0, self.in_flight_at_snapshot + self.sent_since_snapshot - self.in_flight)
         return self.in_flight + max(0, min(budget, capacity - self.in_flight))
 
     def machines_line(self, inventory: Inventory, width: int) -> str | None:
@@ -609,8 +602,6 @@ class Dispatcher:
             proc = await conn.create_process(
                 f"nixfarm stream --interval {self.settings.interval:g}", encoding=None
             )
-            # A snapshot each time a build session begins or ends there, too (sessions.py).
-            proc.stdin.write(b"snapshots on-change\n")
             state.stream_input, state.told = proc.stdin, None  # a new stream is told anew
             try:
                 await self._read_snapshots(state, proc)

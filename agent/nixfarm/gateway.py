@@ -291,10 +291,6 @@ def run(client: str, role: str, config: AgentConfig) -> int:
     if decision.action == "exec":
         env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
         env["NIXFARM_CLIENT"] = client
-        # The session holds the mark until it ends: streams see it begin and end (sessions.py).
-        from . import sessions
-
-        sessions.hold_mark(config.state_dir)
         os.execve(program, list(decision.argv), env)  # noqa: S606 - never a shell, by design
     from . import cli  # the read-only commands, run in this process
 
@@ -303,6 +299,4 @@ def run(client: str, role: str, config: AgentConfig) -> int:
     if decision.action == "gc":
         return cli.run_gc(config, decision.gc_action, decision.output_format == "json", decision.target_free)
     # Only a key that may build says how many builds its client has waiting (demand.py).
-    from .stream import run_stream
-
-    return run_stream(config, decision.interval, client=client if role in ("build", "admin") else None)
+    return cli.run_stream(config, decision.interval, client=client if role in ("build", "admin") else None)

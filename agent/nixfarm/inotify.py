@@ -13,7 +13,6 @@ import os
 import struct
 
 IN_OPEN = 0x00000020
-IN_CLOSE_NOWRITE = 0x00000010
 IN_IGNORED = 0x00008000  # the watched file is gone (its watch with it)
 IN_Q_OVERFLOW = 0x00004000
 EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)

@@ -141,7 +141,6 @@ def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int,
 
 
 BUILDS_RECORD = "builds.json"  # in the agent's state_dir: builds that finished, as it saw them
-Ended = tuple[float, float, str]  # a finished build: (when it ended, seconds it ran, "user/start")
 
 
 class BuildHistory:
@@ -153,9 +152,7 @@ class BuildHistory:
     its duration is taken at the midpoint: at most half an interval off. The
     agent service looks every second and keeps what it saw in its state
     directory (`save`), so that a stream started later knows the builder's
-    recent builds too (`read_builds_record`). Each end is kept with which
-    build it was, so that a stream's own looks and the agent's record can be
-    put together without counting a build twice (`finished_with`).
+    recent builds too (`read_builds_record`).
     """
 
     KEEP = 64  # finished builds remembered, the most recent ones
@@ -166,7 +163,7 @@ class BuildHistory:
         self._proc = proc
         self._tick = os.sysconf("SC_CLK_TCK")
         self._running: dict[tuple[int, int], float] = {}  # (build user, start) -> last seen
-        self._finished: deque[Ended] = deque(maxlen=self.KEEP)
+        self._finished: deque[tuple[float, float]] = deque(maxlen=self.KEEP)  # (ended, seconds)
         self.unsaved = False  # a build finished since the last save()
 
     def look(self) -> dict[str, Any]:
@@ -176,8 +173,7 @@ class BuildHistory:
         running = {(key, started): now for key, started in builds.items()}
         for build, last_seen in self._running.items():
             if build not in running:
-                took = (last_seen + now) / 2 - build[1] / self._tick
-                self._finished.append((time.time(), took, f"{build[0]}/{build[1]}"))
+                self._finished.append((time.time(), (last_seen + now) / 2 - build[1] / self._tick))
                 self.unsaved = True
         self._running = running
         while self._finished and time.time() - self._finished[0][0] > self.KEEP_FOR:
@@ -189,33 +185,21 @@ class BuildHistory:
             "finished": ended_ago(list(self._finished)),
         }
 
-    def finished_with(self, record: list[Ended] | None) -> list[Ended]:
-        """Its own ends and those of the agent's `record` it did not see (it started later).
-
-        A build both saw counts once, at the earlier end: the first look
-        that missed it was the closer to when it ended.
-        """
-        ends = {key: (ended, took, key) for ended, took, key in record or []}
-        for ended, took, key in self._finished:
-            if key not in ends or ended < ends[key][0]:
-                ends[key] = (ended, took, key)
-        return sorted(ends.values())[-self.KEEP :]
-
     def save(self, state_dir: str) -> None:
         """Keep the finished builds where streams read them (atomically; readable by all)."""
-        record = [[round(ended, 2), round(max(0.0, took), 2), key] for ended, took, key in self._finished]
+        record = [[round(ended, 2), round(max(0.0, took), 2)] for ended, took in self._finished]
         write_atomic(os.path.join(state_dir, BUILDS_RECORD), json.dumps({"finished": record}).encode())
         self.unsaved = False
 
 
-def ended_ago(finished: list[Ended]) -> list[list[float]]:
-    """Ends as the snapshot has them: [seconds since it ended, seconds it ran]."""
+def ended_ago(finished: list[tuple[float, float]]) -> list[list[float]]:
+    """(ended, took) pairs as the snapshot has them: [seconds since it ended, seconds it ran]."""
     now = time.time()
-    return [[round(max(0.0, now - ended), 2), round(max(0.0, took), 2)] for ended, took, _ in finished]
+    return [[round(max(0.0, now - ended), 2), round(max(0.0, took), 2)] for ended, took in finished]
 
 
-def read_builds_record(state_dir: str) -> list[Ended] | None:
-    """The builds the agent saw finish in the last KEEP_FOR seconds.
+def read_builds_record(state_dir: str) -> list[tuple[float, float]] | None:
+    """(ended, took) of the builds the agent saw finish in the last KEEP_FOR seconds.
 
     None when there is no record (no agent service, or an unreadable or
     malformed file): the stream then goes by what it saw itself.
@@ -224,11 +208,10 @@ def read_builds_record(state_dir: str) -> list[Ended] | None:
         with open(os.path.join(state_dir, BUILDS_RECORD)) as f:
             record = json.loads(f.read(1 << 16))["finished"]
         since = time.time() - BuildHistory.KEEP_FOR
-        finished = [(float(ended), float(took), key) for ended, took, key in record[-BuildHistory.KEEP :]]
+        finished = [(float(ended), float(took)) for ended, took in record[-BuildHistory.KEEP :]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    kept = [(e, t, k) for e, t, k in finished if e >= since and 0 <= t < 1e9 and isinstance(k, str)]
-    return kept or None
+    return [(ended, took) for ended, took in finished if ended >= since and 0 <= took < 1e9] or None
 
 
 SESSION_PROGRAMS = ("nix-daemon", "nix-store")
@@ -397,7 +380,9 @@ class Collector:
     def _look_at_builds(self) -> dict[str, Any]:
         """The running builds as seen now; the finished ones as the agent service saw them, if it runs."""
         builds = self.builds.look()
-        builds["finished"] = ended_ago(self.builds.finished_with(read_builds_record(self.config.state_dir)))
+        record = read_builds_record(self.config.state_dir)
+        if record is not None:
+            builds["finished"] = ended_ago(record)
         return builds
 
     def _demand(self) -> dict[str, Any]:
