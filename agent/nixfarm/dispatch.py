@@ -192,7 +192,7 @@ def share(snap: dict[str, Any], me: str, reaction: float = 0.0, unseen: int = 0)
     active = snap["builds"]["active"]
     free = max(0, capacity + ending_soon(snap, reaction) - active - unseen)
     competitors = 1 + len(competing(snap) - {me})
-    return -(-free // competitors)  # experiment: rounded up, not only from 0
+    return free // competitors or (1 if free else 0)
 
 
 def competing(snap: dict[str, Any]) -> set[str]:
