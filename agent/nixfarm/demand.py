@@ -36,6 +36,11 @@ def demand_dir(state_dir: str) -> str:
     return os.path.join(state_dir, DIRECTORY)
 
 
+def is_count(value: object) -> bool:
+    """A count of waiting builds as a record or a snapshot may hold it."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WAITING
+
+
 def parse_line(line: bytes) -> int | None:
     """The count of a `demand N` line, or None if it is anything else."""
     words = line.split()
@@ -96,8 +101,7 @@ def read_demand(state_dir: str, now: float | None = None) -> dict[str, int] | No
             waiting, written = record["waiting"], float(record["time"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        good = isinstance(waiting, int) and not isinstance(waiting, bool) and 0 <= waiting <= MAX_WAITING
-        if good and 0 <= now - written <= FRESH_FOR:
+        if is_count(waiting) and 0 <= now - written <= FRESH_FOR:
             counts[name[: -len(".json")]] = waiting
     return counts
 

@@ -41,6 +41,7 @@ from typing import Any
 import asyncssh
 
 from .atomic import write_atomic
+from .demand import is_count
 from .inotify import InotifyUnavailable
 from .inventory import Builder, Inventory
 from .passes import HookPasses
@@ -137,7 +138,7 @@ def validate(line: bytes) -> dict[str, Any]:
         raise BadSnapshot("builds.sessions_by_client must map client names to counts")
     demand = snap["builds"].get("demand_by_client", {})
     counts = demand.values() if isinstance(demand, dict) else [None]
-    if len(demand) > MAX_BUILDS or not all(_count(v) for v in counts):
+    if len(demand) > MAX_BUILDS or not all(is_count(v) for v in counts):
         raise BadSnapshot(f"builds.demand_by_client must map at most {MAX_BUILDS} client names to counts")
     if not isinstance(ages, list) or not isinstance(finished, list):
         raise BadSnapshot("builds.ages_seconds and builds.finished must be lists")
@@ -147,10 +148,6 @@ def validate(line: bytes) -> dict[str, Any]:
     if not pairs or not all(_seconds(t) for t in [*ages, *(t for p in finished for t in p)]):
         raise BadSnapshot("builds.finished must hold [seconds ago, seconds it ran] pairs of numbers >= 0")
     return snap
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1_000_000
 
 
 def _seconds(value: Any) -> bool:

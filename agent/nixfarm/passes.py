@@ -120,4 +120,3 @@ class HookPasses:
 
 def _during(times: deque[float], start: float, end: float) -> int:
     return sum(1 for t in times if start - BURST_GAP <= t <= end + BURST_GAP)
-
