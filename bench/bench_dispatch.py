@@ -469,6 +469,7 @@ class Strategy:
     poll: int | None = None  # the clients' build-poll-interval (None: the strategy's own)
     interval: float | None = None  # the dispatchers' stream interval (None: DISPATCH_TIMING's)
     rev: str | None = None  # the git commit whose agent code the dispatchers run (None: this tree)
+    mux: bool = False  # the clients' ssh shares one connection per builder (ControlMaster)
 
 
 def parse_strategy(name: str) -> Strategy:
@@ -478,6 +479,9 @@ def parse_strategy(name: str) -> Strategy:
              build hook again about a build it postponed; Nix's default is 5)
     +intervalS  the dispatchers' stream interval is S s (dispatch only)
     +revREV  the dispatchers run the agent code of git commit REV (dispatch only)
+    +mux     the clients' ssh keeps one connection per builder and runs each
+             build's session over it (ControlMaster, ControlPersist), one
+             master per client, as separate client machines would have
     """
     base, *options = name.split("+")
     strategy = Strategy(base)
@@ -486,6 +490,8 @@ def parse_strategy(name: str) -> Strategy:
             strategy.poll = int(option[4:])
         elif option.startswith("rev") and re.fullmatch(r"[0-9a-f]{7,40}", option[3:]):
             strategy.rev = option[3:]
+        elif option == "mux":
+            strategy.mux = True
         elif option.startswith("interval") and _is_seconds(option[8:]):
             strategy.interval = float(option[8:])
         else:
@@ -519,6 +525,7 @@ def run_strategy(
         listed_after = dispatchers.wait_all_listed(len(builders))
         time.sleep(2)  # a few snapshots of idle builders, as a running service would have
     env = Client(f.root).env()
+    envs = {c: ssh_mux_env(f, c, env) if how.mux else env for c in CLIENTS}
     nonces = {id(b): f"{f.id}{secrets.token_hex(3)}" for b in scenario.batches}
     paths = {id(b): out_paths(f, b, nonces[id(b)]) for b in scenario.batches}
     names = {b.address: n for n, b in builders.items()}
@@ -534,9 +541,10 @@ def run_strategy(
             now = time.time() - t0
             while pending and pending[0].at <= now:
                 batch = pending.pop(0)
-                attempts.append(
-                    start_attempt(f, batch, machines[batch.client], nonces[id(batch)], env, t0, poll)
+                attempt = start_attempt(
+                    f, batch, machines[batch.client], nonces[id(batch)], envs[batch.client], t0, poll
                 )
+                attempts.append(attempt)
             if scenario.kill_at is not None and killed_at is None and now >= scenario.kill_at:
                 kill_builder(builders["big"])
                 killed_at = time.time() - t0
@@ -544,7 +552,9 @@ def run_strategy(
                 if a.ended is None and a.proc.poll() is not None:
                     finish_attempt(f, a, paths[id(a.batch)], t0)
                     if a.returncode and scenario.retry and not a.retry:
-                        again = start_attempt(f, a.batch, machines[a.batch.client], a.nonce, env, t0, poll)
+                        again = start_attempt(
+                            f, a.batch, machines[a.batch.client], a.nonce, envs[a.batch.client], t0, poll
+                        )
                         again.retry = True
                         attempts.append(again)
             if now > scenario.timeout:
@@ -590,6 +600,18 @@ def stuck_report(a: Attempt) -> dict[str, Any]:
         "processes": subprocess.run(ps, capture_output=True, text=True).stdout.splitlines(),
         "log_tail": a.log.read_text(errors="replace")[-3000:],
     }
+
+
+def ssh_mux_env(f: farm.Farm, client: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` with NIX_SSHOPTS that make the client's ssh share one connection per builder.
+
+    Each client has its own ControlPath directory: clients sharing a master would
+    run their sessions under one client's key, which the gateway names.
+    """
+    directory = f.root / f"mux-{client}"  # with %C (40 bytes) well under a socket path's 107
+    directory.mkdir(mode=0o700, exist_ok=True)
+    options = f"-oControlMaster=auto -oControlPath={directory}/%C -oControlPersist=120"
+    return {**env, "NIX_SSHOPTS": options}
 
 
 def start_attempt(
