@@ -603,15 +603,8 @@ def stuck_report(a: Attempt) -> dict[str, Any]:
 
 
 def ssh_mux_env(f: farm.Farm, client: str, env: dict[str, str]) -> dict[str, str]:
-    """`env` with NIX_SSHOPTS that make the client's ssh share one connection per builder.
-
-    Each client has its own ControlPath directory: clients sharing a master would
-    run their sessions under one client's key, which the gateway names.
-    """
-    directory = f.root / f"mux-{client}"  # with %C (40 bytes) well under a socket path's 107
-    directory.mkdir(mode=0o700, exist_ok=True)
-    options = f"-oControlMaster=auto -oControlPath={directory}/%C -oControlPersist=120"
-    return {**env, "NIX_SSHOPTS": options}
+    """`env` with NIX_SSHOPTS that make the client's ssh share one connection per builder."""
+    return {**env, "NIX_SSHOPTS": f.shared_ssh_options(client)}
 
 
 def start_attempt(

@@ -22,6 +22,7 @@ let
   farm = config.services.nixfarm.farm;
   builders = lib.filterAttrs (name: _: lib.elem name cfg.builders) farm.builders;
   sshKey = if cfg.sshKey == null then "/nonexistent-see-assertions" else cfg.sshKey;
+  controlDir = "/run/nixfarm-ssh"; # connectionSharing's sockets
 
   jsonFormat = pkgs.formats.json { };
   # What `nixfarm dispatch` reads: the builders as this client reaches them,
@@ -130,6 +131,30 @@ in
         ssh `ServerAliveCountMax`: unanswered keepalives before ssh gives up,
         so a dead link fails a build after interval * count seconds.
       '';
+    };
+
+    connectionSharing = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Keep one SSH connection per builder open (OpenSSH `ControlMaster`)
+          and run each build's session over it. Nix's build hook opens a new
+          connection for every build, and the handshake is most of the time a
+          build waits to start: sharing takes it off every build but the
+          first (bench/README.md, "Connection sharing"). Only root's ssh
+          (nix-daemon's) shares; the sockets are in /run/nixfarm-ssh (root
+          only). All the builds on a builder then share one link: a dead link
+          fails them together, after `serverAliveInterval` *
+          `serverAliveCountMax` seconds.
+        '';
+      };
+
+      persist = mkOption {
+        type = types.ints.positive;
+        default = 60;
+        description = "ssh `ControlPersist` (seconds): how long a shared connection stays open after its last build.";
+      };
     };
 
     dispatcher = {
@@ -248,6 +273,8 @@ in
           builder = b;
           inherit sshKey;
           inherit (cfg) connectTimeout serverAliveInterval serverAliveCountMax;
+          controlDir = if cfg.connectionSharing.enable then controlDir else null;
+          controlPersist = cfg.connectionSharing.persist;
         }
       ) (lib.attrValues builders)
     );
@@ -265,10 +292,13 @@ in
     # current-load: where Nix's build hook counts each builder's load; the
     # dispatcher holds back slots there. Nix creates it at its first remote
     # build, the sandbox below needs it to exist before.
-    systemd.tmpfiles.rules = mkIf cfg.dispatcher.enable [
-      "d ${machinesDir} 0755 root root - -"
-      "d /nix/var/nix/current-load 0755 root root - -"
-    ];
+    systemd.tmpfiles.rules =
+      lib.optionals cfg.dispatcher.enable [
+        "d ${machinesDir} 0755 root root - -"
+        "d /nix/var/nix/current-load 0755 root root - -"
+      ]
+      # The shared connections' sockets: whoever may open one runs builds as this client.
+      ++ lib.optional cfg.connectionSharing.enable "d ${controlDir} 0700 root root - -";
 
     systemd.services.nixfarm-dispatch = mkIf cfg.dispatcher.enable {
       description = "nixfarm dispatcher: keeps Nix's machines file true to the builders' load";

@@ -271,8 +271,17 @@ let
     if b.port == 22 then names else map (n: "[${n}]:${toString b.port}") names;
 
   # The programs.ssh.extraConfig block for one builder, read by nix-daemon's
-  # ssh (root) and by the dispatcher. Keepalives make a dead link fail after
-  # interval * count seconds instead of hanging a build on TCP timeouts.
+  # ssh (root). Keepalives make a dead link fail after interval * count
+  # seconds instead of hanging a build on TCP timeouts.
+  #
+  # With `controlDir`, root's ssh keeps one connection per builder open for
+  # `controlPersist` seconds after its last session and runs every build's
+  # session over it: Nix's hook opens a new SSH connection for each build,
+  # and the handshake is most of the time a build waits to start
+  # (bench/README.md, "Connection sharing"). `Match originalhost`: the name
+  # as Nix gives it, before HostName; `localuser root`: only nix-daemon's
+  # ssh, since nobody else may use the directory (ssh exits when it cannot
+  # make its socket).
   sshHostBlock =
     {
       builder,
@@ -280,6 +289,8 @@ let
       connectTimeout ? 10,
       serverAliveInterval ? 60,
       serverAliveCountMax ? 3,
+      controlDir ? null,
+      controlPersist ? 60,
     }:
     let
       b = builderDefaults // builder;
@@ -297,6 +308,18 @@ let
         "  ServerAliveCountMax ${toString serverAliveCountMax}"
         "  IPQoS throughput"
       ]
+      ++ (
+        if controlDir == null then
+          [ ]
+        else
+          [
+            "Match originalhost ${b.hostName} localuser root"
+            "  ControlMaster auto"
+            # %C: a hash of the local host, remote host, port and user.
+            "  ControlPath ${controlDir}/%C"
+            "  ControlPersist ${toString controlPersist}"
+          ]
+      )
     )
     + "\n";
 

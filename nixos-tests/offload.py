@@ -54,3 +54,21 @@ with subtest("a build from the client runs on a builder"):
         "journalctl -t nixfarm-gateway --no-pager"
         " | grep \"allowed client=client role=build .*command='nix-daemon --stdio'\""
     )
+
+
+def logins(machine: Machine) -> int:
+    """SSH logins of the builder user so far (sshd or, from OpenSSH 9.8, sshd-session, logs them)."""
+    return int(machine.succeed("journalctl --no-pager | grep -c 'Accepted publickey for nixfarm' || true"))
+
+
+with subtest("nix-daemon's ssh kept the build's connection open, and the next build there shares it"):
+    # services.nixfarm.client.connectionSharing (on by default; ControlPersist 60 s).
+    check(client.succeed("stat -c '%a %U' /run/nixfarm-ssh").strip() == "700 root", "socket directory")
+    client.succeed(f"ssh -O check {host}")  # as root, by the name Nix uses: "Master running"
+    before = logins(builder)
+    for n in range(6):
+        out, build_log = build(client, derivation(client, f"offload-shared-{n}", hello_script(f"shared {n}")))
+        if built_on(build_log) == host:
+            break
+    check(built_on(build_log) == host, f"6 more builds never went to {host}")
+    check(logins(builder) == before, f"a build on {host} logged in anew instead of sharing the connection")

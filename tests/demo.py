@@ -11,10 +11,13 @@ builder, makespan against the best possible), and everything is torn down,
 also on Ctrl-C. Each build holds one of its builder's slots while it works,
 so a builder really runs only that many at once (DESIGN.md). Each client
 builds in its own store (`--store local?root=...`), as separate machines do:
-Nix counts a builder's load in the store's current-load directory.
+Nix counts a builder's load in the store's current-load directory. Each
+client's ssh shares one connection per builder, as the NixOS client module
+sets it up (connectionSharing).
 
 --static runs the same with the nix.dev tutorial's static machines file
-(every client lists every builder with maxJobs = its slots), for comparison.
+(every client lists every builder with maxJobs = its slots) and a new SSH
+connection for every build, for comparison.
 """
 
 from __future__ import annotations
@@ -144,7 +147,9 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
                     "--store",
                     f"local?root={client_store(farm, c)}",
                 ],
-                env=client.env(),
+                # The client module's connection sharing comes with the dispatcher; the
+                # nix.dev tutorial's static file comes without.
+                env=client.env() if static else {**client.env(), "NIX_SSHOPTS": farm.shared_ssh_options(c)},
                 text=True,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

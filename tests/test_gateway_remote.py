@@ -9,6 +9,7 @@ test asserts the refusal and that the marker never appears.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -164,6 +165,44 @@ def _stop(tunnel: subprocess.Popen[str]) -> str:
         # 60 runs since). How ssh exits is not what this test checks; the refusal in stderr is.
         tunnel.kill()
         return tunnel.communicate(timeout=10)[1]
+
+
+def test_a_shared_connection_runs_every_session_through_the_gateway(
+    farm: Farm, builder: Builder, marker: Path
+) -> None:
+    """The client module's connection sharing (ControlMaster): a session over the shared
+    connection is held to the key's forced command and restrictions like the first."""
+    control = ["-o", "ControlMaster=auto", "-o", f"ControlPath={farm.root}/mux-%C", "-o", "ControlPersist=60"]
+    # The stream ends when its stdin does (empty here), after its first snapshot.
+    first = farm.ssh("alice", builder, "nixfarm stream --interval 1", *control)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout.splitlines()[0])["schema"] == 1
+    try:
+        check = farm.ssh("alice", builder, None, *control, "-O", "check")
+        assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
+        logins = _logins(builder)
+        assert logins >= 1  # the first session's
+        # A second session, over the shared connection: the gateway still decides.
+        shell = farm.ssh("alice", builder, f"sh -c 'touch {marker}'", *control)
+        assert_refused(shell, marker, "")
+        assert farm.ssh("alice", builder, "nixfarm stream --interval 1", *control).returncode == 0
+        # A forwarding added to the shared connection: its channels are refused like any other.
+        port = _free_port()
+        forward = farm.ssh(
+            "alice", builder, None, *control, "-O", "forward", "-L", f"127.0.0.1:{port}:{builder.address}:22"
+        )
+        assert forward.returncode == 0, forward.stderr  # the listener is the client's own
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.settimeout(5)
+            assert conn.recv(64) == b"", "the forwarded connection reached the builder's sshd"
+        assert _logins(builder) == logins, "a session logged in anew: the connection was not shared"
+    finally:
+        farm.ssh("alice", builder, None, *control, "-O", "exit")
+
+
+def _logins(builder: Builder) -> int:
+    """Logins the builder's sshd has accepted so far."""
+    return (builder.root / "sshd.log").read_text().count("Accepted publickey")
 
 
 def test_remote_port_forwarding_is_refused(farm: Farm, builder: Builder) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,52 @@ def test_ssh_host_block() -> None:
         "IPQoS throughput",
     }
     assert all(line.startswith("  ") for line in lines[1:])
+    assert "Control" not in block  # connection sharing is off unless asked for
+
+
+def ssh_settings(config: Path, host: str, as_nobody: bool = False) -> dict[str, str]:
+    """What the real OpenSSH client makes of `config` for `host` (`ssh -G`), as root or nobody."""
+    argv = ["ssh", "-G", "-F", str(config), host]
+    if as_nobody:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    return dict(line.partition(" ")[::2] for line in out.splitlines())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ssh") is None, reason="needs root and OpenSSH's ssh")
+def test_ssh_host_block_shares_connections_for_root_only() -> None:
+    block = nix_eval(
+        "lib.sshHostBlock arg",
+        {
+            "builder": {"hostName": "b", "address": "192.0.2.1"},
+            "sshKey": "/etc/nix/key",
+            "controlDir": "/run/nixfarm-ssh",
+            "controlPersist": 90,
+        },
+    )
+    # Not in pytest's tmp_path: its parent is root's only, and nobody must read the file too.
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        config = Path(directory) / "ssh_config"
+        config.write_text(block + "\n")
+        Path(directory).chmod(0o755)
+        config.chmod(0o644)  # ssh refuses a config others may write
+        check_sharing_for_root_only(config)
+
+
+def check_sharing_for_root_only(config: Path) -> None:
+    # Root's ssh (nix-daemon's), under the name Nix gives it: one connection per builder.
+    root = ssh_settings(config, "b")
+    assert root["hostname"] == "192.0.2.1"
+    assert root["controlmaster"] == "auto"
+    assert root["controlpersist"] == "90"
+    path = root["controlpath"]
+    # %C, a hash: well under the 107 bytes a socket path may have
+    assert path.startswith("/run/nixfarm-ssh/") and len(path) < 100
+    # Anyone else's ssh would find the directory closed to it, and ssh exits when it
+    # cannot make its socket: no sharing for them.
+    assert ssh_settings(config, "b", as_nobody=True)["controlmaster"] == "false"
+    # Nor for a name the block is not about (the address itself, another host).
+    assert ssh_settings(config, "192.0.2.1")["controlmaster"] == "false"
 
 
 # inventory checks ------------------------------------------------------------

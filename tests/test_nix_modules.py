@@ -242,6 +242,12 @@ def test_client_ssh_config(facts: dict[str, Any]) -> None:
         "ConnectTimeout 10",
     ]:
         assert f"  {line}\n" in block + "\n", line
+    # connectionSharing, on by default: for root's ssh (nix-daemon's) only, by the name Nix uses.
+    sharing = block[block.index("Match ") :]
+    assert sharing.splitlines()[0] == "Match originalhost small.example.org localuser root"
+    for line in ["ControlMaster auto", "ControlPath /run/nixfarm-ssh/%C", "ControlPersist 60"]:
+        assert f"  {line}\n" in sharing + "\n", line
+    assert "d /run/nixfarm-ssh 0700 root root - -" in facts["client"]["tmpfiles"]
     # Our Host blocks come before nixpkgs' generated `Host *` section.
     assert ssh.index("Host small.example.org") < ssh.index("Host *")
 
