@@ -64,6 +64,11 @@ def edit_inventory(path: Path, index: int = 0, **changes: object) -> None:
     path.write_text(json.dumps(data))
 
 
+def after(check: str) -> tuple[str, ...]:
+    """The checks that come after `check` (skipped when it stops a builder's checks)."""
+    return CHECKS[CHECKS.index(check) + 1 :]
+
+
 def statuses(report: dict[str, Any]) -> dict[str, str]:
     return {name: report[name]["status"] for name in CHECKS}
 
@@ -119,7 +124,7 @@ def test_unresolvable_host_name(farm: Farm) -> None:
     code, reports = doctor_json(farm, inventory)
     assert code == 1
     assert reports["b1"]["resolve"]["status"] == FAIL
-    assert {reports["b1"][name]["status"] for name in CHECKS[1:]} == {SKIP}
+    assert {reports["b1"][name]["status"] for name in after("resolve")} == {SKIP}
     assert reports["b1"]["tcp"]["message"] == "not checked: resolve failed"
 
 
@@ -140,7 +145,7 @@ def test_sshd_down_is_refused_and_other_builders_stay_usable(farm: Farm) -> None
     assert reports["down"]["tcp"]["status"] == FAIL
     assert "connection refused" in reports["down"]["tcp"]["message"]
     assert "start sshd" in reports["down"]["tcp"]["fix"]
-    assert {reports["down"][name]["status"] for name in CHECKS[2:]} == {SKIP}
+    assert {reports["down"][name]["status"] for name in after("tcp")} == {SKIP}
 
     text = doctor(farm, inventory)
     assert text.returncode == 1
@@ -162,7 +167,7 @@ def test_link_down_is_bounded(farm: Farm) -> None:
     # sends an SSH banner (this sandbox's default route does): either way, bounded and explained.
     assert reports["b1"]["tcp"]["status"] == FAIL
     assert "firewall" in reports["b1"]["tcp"]["fix"]
-    assert {reports["b1"][name]["status"] for name in CHECKS[2:]} == {SKIP}
+    assert {reports["b1"][name]["status"] for name in after("tcp")} == {SKIP}
 
 
 def test_wrong_host_key_shows_the_real_one(farm: Farm) -> None:
@@ -182,7 +187,7 @@ def test_wrong_host_key_shows_the_real_one(farm: Farm) -> None:
     wrong_fingerprint = run(["ssh-keygen", "-lf", str(other.with_suffix(".pub"))]).stdout.split()[1]
     assert real_fingerprint in check["message"] and wrong_fingerprint in check["message"]
     assert f'hostKey = "{b.host_key}"' in check["fix"]
-    assert {reports["b1"][name]["status"] for name in CHECKS[3:]} == {SKIP}
+    assert {reports["b1"][name]["status"] for name in after("host-key")} == {SKIP}
 
 
 def test_key_file_readable_by_others(farm: Farm) -> None:
@@ -345,6 +350,38 @@ def test_systems_and_features_from_hostile_snapshots() -> None:
     systems, features = d.checks
     assert systems.status == FAIL and "builds for nothing" in systems.message
     assert features.status == FAIL and "\x1b" not in features.message
+
+
+SHARING = {"hostname": "b1", "port": "22", "controlmaster": "auto", "controlpersist": "60"}
+
+
+def test_ssh_sharing_off_or_with_a_private_socket_directory(tmp_path: Path) -> None:
+    d = _builder_doctor()
+    d.ssh_sharing({"hostname": "b1", "port": "22", "controlmaster": "false", "controlpath": "none"})
+    sockets = tmp_path / "nixfarm-ssh"
+    sockets.mkdir(mode=0o700)
+    d.ssh_sharing({**SHARING, "controlpath": f"{sockets}/0123abcd"})
+    off, shared = d.checks
+    assert off.status == OK and "own SSH connection" in off.message
+    assert shared.status == OK and str(sockets) in shared.message and "60 s" in shared.message
+
+
+def test_ssh_sharing_without_its_socket_directory_fails_every_build(tmp_path: Path) -> None:
+    d = _builder_doctor()
+    missing = tmp_path / "gone"
+    d.ssh_sharing({**SHARING, "controlpath": f"{missing}/0123abcd"})
+    (tmp_path / "file").write_text("")
+    d.ssh_sharing({**SHARING, "controlpath": f"{tmp_path / 'file'}/0123abcd"})
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    d.ssh_sharing({**SHARING, "controlpath": f"{open_to_all}/0123abcd"})
+    gone, not_a_dir, writable = d.checks
+    assert gone.status == FAIL and "no such file or directory" in gone.message
+    assert "every build here fails" in gone.message and "systemd-tmpfiles --create" in gone.fix
+    assert not_a_dir.status == FAIL and "not a directory" in not_a_dir.message
+    assert writable.status == FAIL and "others may write" in writable.message and "0777" in writable.message
+    assert f"chmod 0700 {open_to_all}" in writable.fix
 
 
 def test_key_file_checks(tmp_path: Path) -> None:

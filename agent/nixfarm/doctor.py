@@ -6,6 +6,9 @@ that builder's checks when it fails, as the later ones cannot run):
   resolve *   the name Nix's ssh connects to (the machines file names the
               builder by host_name; ssh_config may map it to an address),
               and the inventory's address, resolve
+  ssh-sharing where ssh_config shares one connection per builder
+              (ControlMaster, the client module's connectionSharing), its
+              socket directory exists and is root's alone
   tcp *       address:port accepts a connection and answers with an SSH banner
   host-key *  the key the builder presents is the one the inventory pins
   key-file *  the client key exists, is root's, mode 0600 or narrower (else
@@ -53,6 +56,7 @@ DEFAULT_INVENTORY = "/etc/nixfarm/inventory.json"
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 CHECKS = (
     "resolve",
+    "ssh-sharing",
     "tcp",
     "host-key",
     "key-file",
@@ -233,8 +237,9 @@ async def getaddrinfo(host: str, port: int, timeout: float) -> list[str]:
     return await asyncio.wait_for(future, timeout)
 
 
-async def ssh_target(host_name: str, timeout: float) -> tuple[str, int] | str:
-    """(hostname, port) that `ssh host_name` connects to, from `ssh -G`; or why we cannot tell."""
+async def ssh_settings(host_name: str, timeout: float) -> dict[str, str] | str:
+    """What `ssh host_name` would use (`ssh -G`: hostname, port, controlmaster, ...), with at
+    least a hostname and a numeric port; or why we cannot tell."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "ssh",
@@ -256,10 +261,9 @@ async def ssh_target(host_name: str, timeout: float) -> tuple[str, int] | str:
     if proc.returncode != 0:
         return f"ssh -G {host_name} failed: {_last_line(err)}"
     fields = dict(line.partition(" ")[::2] for line in out.decode(errors="replace").splitlines())
-    try:
-        return fields["hostname"], int(fields["port"])
-    except (KeyError, ValueError):
+    if not fields.get("hostname") or not fields.get("port", "").isdigit():
         return f"ssh -G {host_name} printed no hostname and port"
+    return fields
 
 
 def _clean(text: str, limit: int = 300) -> str:
@@ -402,9 +406,12 @@ class BuilderDoctor:
     async def resolve(self) -> None:
         """resolve: the name Nix's ssh uses, and the inventory's address."""
         b = self.b
-        target = await ssh_target(b.host_name, self.t.resolve)
-        ssh_problem = target if isinstance(target, str) else ""
-        ssh_host, ssh_port = (b.host_name, b.port) if isinstance(target, str) else target
+        settings = await ssh_settings(b.host_name, self.t.resolve)
+        ssh_problem = settings if isinstance(settings, str) else ""
+        if isinstance(settings, str):
+            ssh_host, ssh_port = b.host_name, b.port
+        else:
+            ssh_host, ssh_port = settings["hostname"], int(settings["port"])
         nix_ips, nix_error = await self._resolve(ssh_host, ssh_port)
         if b.address == ssh_host:
             addr_ips, addr_error = nix_ips, nix_error
@@ -458,6 +465,46 @@ class BuilderDoctor:
         else:
             mapped = f" via ssh_config HostName {ssh_host}" if ssh_host != b.host_name else ""
             self.add("resolve", OK, f"{b.host_name}{mapped} -> {', '.join(nix_ips)}, port {ssh_port}")
+        if not isinstance(settings, str):
+            self.ssh_sharing(settings)
+
+    def ssh_sharing(self, settings: dict[str, str]) -> None:
+        """ssh-sharing: a shared connection's socket directory exists and is root's alone.
+
+        Where it is missing, ssh exits ("unix_listener: cannot bind") before any
+        session, and every build sent here fails; where others may write it,
+        whoever opens a socket there runs builds with this client's key.
+        """
+        master, path = settings.get("controlmaster", "false"), settings.get("controlpath", "none")
+        if master in ("false", "no") or path in ("", "none"):
+            self.add("ssh-sharing", OK, "off: every build opens its own SSH connection")
+            return
+        directory = os.path.dirname(path) or "."
+        shared = f"ssh_config shares connections (ControlMaster {master}) with sockets in {directory}"
+        fix = (
+            f"systemd-tmpfiles --create (the NixOS client module's rule makes it), "
+            f"or: install -d -m 0700 -o root {directory}"
+        )
+        try:
+            st = os.stat(directory)
+        except OSError as e:
+            problem = (e.strerror or str(e)).lower()
+            self.add("ssh-sharing", FAIL, f"{shared}: {problem}, so ssh exits: every build here fails", fix)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self.add("ssh-sharing", FAIL, f"{shared}, which is not a directory: every build here fails", fix)
+        elif st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            self.add(
+                "ssh-sharing",
+                FAIL,
+                f"{shared}, which others may write (owner uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): a socket put there runs builds with this client's key",
+                f"chown root {directory} && chmod 0700 {directory}",
+            )
+        else:
+            persist = settings.get("controlpersist", "no")
+            kept = f", kept {persist} s after the last build" if persist.isdigit() else ""
+            self.add("ssh-sharing", OK, f"one connection per builder{kept}, sockets in {directory}")
 
     async def _resolve(self, host: str, port: int) -> tuple[list[str], str]:
         try:
