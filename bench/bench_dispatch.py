@@ -1,7 +1,7 @@
 """Scheduling benchmark: static machines files (nix.dev) against `nixfarm dispatch`.
 
     .venv/bin/python bench/bench_dispatch.py [--quick] [--reps N] [--json OUT]
-        [--scenarios parallel,dies,long_first,farm_full] [--strategies static,dispatch]
+        [--scenarios parallel,dies,long_first,farm_full] [--strategies static,dispatch+mux]
 
 One harness farm (tests/farm.py): three builders with 4, 2 and 1 slots
 (emulated cores: every build holds one of its builder's slot tokens while it
@@ -30,6 +30,9 @@ Strategies:
   +intervalS  (dispatch) the dispatchers' stream interval is S s instead of 1
   +revREV     (dispatch) the dispatchers run the agent code of git commit REV
               (the builders keep this tree's): two versions compared in one run
+  +mux        (either) each client's ssh shares one connection per builder
+              (ControlMaster), as the client module's connectionSharing does:
+              dispatch+mux is nixfarm as the NixOS client module sets it up
 
 Each client is its own Nix store (`--store local?root=...`), so it has its own
 /nix/var/nix/current-load, as separate client machines do: Nix counts a
@@ -861,9 +864,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--strategies",
-        default="static,dispatch",
-        help="comma-separated, run in this order (reversed every other repetition): static, "
-        "dispatch, or either with +pollN to set the clients' build-poll-interval (default static,dispatch)",
+        default="static,dispatch+mux",
+        help="comma-separated, run in this order (reversed every other repetition): static or "
+        "dispatch, each with +options (module docstring) (default static,dispatch+mux: nixfarm as the "
+        "client module sets it up)",
     )
     parser.add_argument(
         "--max-wait",

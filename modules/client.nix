@@ -142,11 +142,12 @@ in
           and run each build's session over it. Nix's build hook opens a new
           connection for every build, and the handshake is most of the time a
           build waits to start: sharing takes it off every build but the
-          first (bench/README.md, "Connection sharing"). Only root's ssh
-          (nix-daemon's) shares; the sockets are in /run/nixfarm-ssh (root
-          only). All the builds on a builder then share one link: a dead link
-          fails them together, after `serverAliveInterval` *
-          `serverAliveCountMax` seconds.
+          first (bench/README.md, "Results: with connection sharing"). Only
+          root's ssh (nix-daemon's) shares; the sockets are in
+          /run/nixfarm-ssh (root only). All the builds on a builder then share one link: a link
+          that dies silently fails them together after
+          `serverAliveInterval` × `serverAliveCountMax` seconds, and a build
+          sent there meanwhile waits that long instead of `connectTimeout`.
         '';
       };
 

@@ -278,10 +278,10 @@ let
   # `controlPersist` seconds after its last session and runs every build's
   # session over it: Nix's hook opens a new SSH connection for each build,
   # and the handshake is most of the time a build waits to start
-  # (bench/README.md, "Connection sharing"). `Match originalhost`: the name
-  # as Nix gives it, before HostName; `localuser root`: only nix-daemon's
-  # ssh, since nobody else may use the directory (ssh exits when it cannot
-  # make its socket).
+  # (bench/README.md, "Results: with connection sharing"). `Match
+  # originalhost`: the name as Nix gives it, before HostName; `localuser
+  # root`: only nix-daemon's ssh, since nobody else may use the directory
+  # (ssh exits when it cannot make its socket).
   sshHostBlock =
     {
       builder,
