@@ -244,20 +244,12 @@ class Farm:
         client module's connectionSharing does (modules/lib.nix, sshHostBlock).
 
         Each client has its own socket directory: a master shared by two clients would
-        run both clients' sessions under the key of the one that opened it.
+        run both clients' sessions under the key of the one that opened it. The masters
+        end with the builders (stop_builder kills their sshd).
         """
         directory = self.root / f"mux-{client}"  # with %C (40 bytes) well under a socket path's 107
         directory.mkdir(mode=0o700, exist_ok=True)
         return f"-oControlMaster=auto -oControlPath={directory}/%C -oControlPersist=60"
-
-    def close_shared_connections(self) -> None:
-        """Ask every shared connection's master to exit (they would outlive the farm a minute)."""
-        for socket_path in self.root.glob("mux-*/*"):
-            subprocess.run(
-                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket_path}", "-O", "exit", "builder"],
-                capture_output=True,
-                timeout=10,
-            )
 
     def ssh(
         self,
@@ -594,8 +586,6 @@ class Farm:
         if os.getpid() != self._owner:
             return
         errors = []
-        with contextlib.suppress(Exception):
-            self.close_shared_connections()
         for b in self.builders.values():
             try:
                 self.stop_builder(b)

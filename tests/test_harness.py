@@ -28,6 +28,21 @@ def test_teardown_leaves_nothing_behind_even_when_the_test_fails() -> None:
 
 
 @pytest.mark.harness
+def test_teardown_ends_the_shared_ssh_connections() -> None:
+    """The demo and the benchmark share one connection per builder (shared_ssh_options);
+    their masters must not outlive the farm."""
+    with farm_mod.Farm() as f:
+        f.add_client("alice")
+        b1 = f.add_builder("b1", clients={"alice": "build"})
+        farm_id = f.id
+        sharing = f.shared_ssh_options("alice").split()
+        assert f.ssh("alice", b1, "nixfarm stream --interval 1", *sharing).returncode == 0
+        check = f.ssh("alice", b1, None, *sharing, "-O", "check")
+        assert "Master running" in check.stderr, check.stderr
+    assert farm_mod.leftovers(farm_id) == []
+
+
+@pytest.mark.harness
 def test_builders_are_isolated_hosts() -> None:
     with farm_mod.Farm() as f:
         f.add_client("alice")
