@@ -528,7 +528,8 @@ def run_strategy(
         listed_after = dispatchers.wait_all_listed(len(builders))
         time.sleep(2)  # a few snapshots of idle builders, as a running service would have
     env = Client(f.root).env()
-    envs = {c: ssh_mux_env(f, c, env) if how.mux else env for c in CLIENTS}
+    # +mux: each client's ssh shares one connection per builder, as connectionSharing does.
+    envs = {c: {**env, "NIX_SSHOPTS": f.shared_ssh_options(c)} if how.mux else env for c in CLIENTS}
     nonces = {id(b): f"{f.id}{secrets.token_hex(3)}" for b in scenario.batches}
     paths = {id(b): out_paths(f, b, nonces[id(b)]) for b in scenario.batches}
     names = {b.address: n for n, b in builders.items()}
@@ -603,11 +604,6 @@ def stuck_report(a: Attempt) -> dict[str, Any]:
         "processes": subprocess.run(ps, capture_output=True, text=True).stdout.splitlines(),
         "log_tail": a.log.read_text(errors="replace")[-3000:],
     }
-
-
-def ssh_mux_env(f: farm.Farm, client: str, env: dict[str, str]) -> dict[str, str]:
-    """`env` with NIX_SSHOPTS that make the client's ssh share one connection per builder."""
-    return {**env, "NIX_SSHOPTS": f.shared_ssh_options(client)}
 
 
 def start_attempt(

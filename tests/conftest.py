@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import farm as farm_mod
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 BUILDS_NIX = HERE / "builds.nix"
+# modules/lib.nix uses only builtins: plain `nix-instantiate --eval` runs it without nixpkgs.
+LIB = REPO / "modules" / "lib.nix"
+NIX_INSTANTIATE = shutil.which("nix-instantiate")
+
+
+def _eval_lib(expr: str, arg: object) -> subprocess.CompletedProcess[str]:
+    assert NIX_INSTANTIATE is not None
+    source = (
+        f'let lib = import {LIB}; arg = builtins.fromJSON (builtins.getEnv "NIXFARM_TEST_ARG"); in {expr}'
+    )
+    return subprocess.run(
+        [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-E", source],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60,
+        env={**os.environ, "NIXFARM_TEST_ARG": json.dumps(arg)},
+    )
+
+
+def nix_eval(expr: str, arg: object = None) -> Any:
+    """Evaluate `expr` (with `lib` and `arg` in scope) and return its JSON value."""
+    proc = _eval_lib(expr, arg)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def nix_error(expr: str, arg: object = None) -> str:
+    """Evaluate `expr`, which must fail; return Nix's error output."""
+    proc = _eval_lib(expr, arg)
+    assert proc.returncode != 0, f"expected an error, got {proc.stdout}"
+    return proc.stderr
 
 
 def harness_missing() -> str | None:

@@ -126,6 +126,10 @@ class Builder:
     clients: dict[str, str] = field(default_factory=dict)  # client -> role
     agents: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # agent PID -> its nsenter
 
+    def logins(self) -> int:
+        """Logins its sshd has accepted so far (a session over a shared connection is none)."""
+        return (self.root / "sshd.log").read_text().count("Accepted publickey")
+
     @property
     def netns(self) -> str:
         return f"{PREFIX}{self.farm_id}-{self.name}"

@@ -180,7 +180,7 @@ def test_a_shared_connection_runs_every_session_through_the_gateway(
     try:
         check = farm.ssh("alice", builder, None, *control, "-O", "check")
         assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
-        logins = _logins(builder)
+        logins = builder.logins()
         assert logins >= 1  # the first session's
         # A second session, over the shared connection: the gateway still decides.
         shell = farm.ssh("alice", builder, f"sh -c 'touch {marker}'", *control)
@@ -195,14 +195,9 @@ def test_a_shared_connection_runs_every_session_through_the_gateway(
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             conn.settimeout(5)
             assert conn.recv(64) == b"", "the forwarded connection reached the builder's sshd"
-        assert _logins(builder) == logins, "a session logged in anew: the connection was not shared"
+        assert builder.logins() == logins, "a session logged in anew: the connection was not shared"
     finally:
         farm.ssh("alice", builder, None, *control, "-O", "exit")
-
-
-def _logins(builder: Builder) -> int:
-    """Logins the builder's sshd has accepted so far."""
-    return (builder.root / "sshd.log").read_text().count("Accepted publickey")
 
 
 def test_remote_port_forwarding_is_refused(farm: Farm, builder: Builder) -> None:

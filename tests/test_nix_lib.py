@@ -8,7 +8,6 @@ has to quote Python data as Nix source.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -18,10 +17,9 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-LIB = REPO / "modules" / "lib.nix"
+from conftest import NIX_INSTANTIATE, REPO, nix_error, nix_eval
+
 FARM = REPO / "examples" / "farm.nix"
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
 pytestmark = pytest.mark.skipif(
     NIX_INSTANTIATE is None, reason="needs nix-instantiate (tests/run installs nix-bin)"
@@ -31,35 +29,6 @@ KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4TkkfLyZz0UD/rdVEdu9f6yclYmfgzEWK
 KEY_B = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6YsPIBkTTT2/aBdKKn5jqST+ekPWO6MoJjItL3nQ7L"
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEtuygk6jgEaZbrXlkeM2sRIH/l1HPFHvkOAnOCaXrAE"
 NIXFARM = "/nix/store/00000000000000000000000000000000-nixfarm-0.1.0"
-
-
-def _run(expr: str, arg: object) -> subprocess.CompletedProcess[str]:
-    assert NIX_INSTANTIATE is not None
-    source = (
-        f'let lib = import {LIB}; arg = builtins.fromJSON (builtins.getEnv "NIXFARM_TEST_ARG"); in {expr}'
-    )
-    return subprocess.run(
-        [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-E", source],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=60,
-        env={**os.environ, "NIXFARM_TEST_ARG": json.dumps(arg)},
-    )
-
-
-def nix_eval(expr: str, arg: object = None) -> Any:
-    """Evaluate `expr` (with `lib` and `arg` in scope) and return its JSON value."""
-    proc = _run(expr, arg)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def nix_error(expr: str, arg: object = None) -> str:
-    """Evaluate `expr`, which must fail; return Nix's error output."""
-    proc = _run(expr, arg)
-    assert proc.returncode != 0, f"expected an error, got {proc.stdout}"
-    return proc.stderr
 
 
 # Sizes ---------------------------------------------------------------------

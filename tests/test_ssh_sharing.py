@@ -15,21 +15,16 @@ ssh, and a harness builder's sshd and gateway.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from conftest import NIX_INSTANTIATE, nix_eval
 from farm import Builder, Farm
-
-REPO = Path(__file__).resolve().parent.parent
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
 pytestmark = [
     pytest.mark.skipif(NIX_INSTANTIATE is None, reason="needs nix-instantiate (tests/run installs nix-bin)"),
@@ -52,17 +47,9 @@ class Client:
             "controlDir": str(self.sockets),
             "controlPersist": persist,
         }
-        source = f'(import {REPO}/modules/lib.nix).sshHostBlock (builtins.fromJSON (builtins.getEnv "ARG"))'
-        assert NIX_INSTANTIATE is not None
-        block = subprocess.run(
-            [NIX_INSTANTIATE, "--eval", "--strict", "--json", "-E", source],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "ARG": json.dumps(arg)},
-        ).stdout
+        block = nix_eval("lib.sshHostBlock arg", arg)
         self.config = farm.root / "ssh_config"
-        self.config.write_text(json.loads(block) + "\n")
+        self.config.write_text(block + "\n")
         # Nix writes the machine's host key to a file of its own, under the name it uses.
         self.known_hosts = farm.root / "nix_known_hosts"
         self.known_hosts.write_text(f"b1 {builder.host_key}\n{builder.address} {builder.host_key}\n")
@@ -121,7 +108,7 @@ def test_one_client_connecting_again_and_again(farm: Farm, builder: Builder) -> 
     outcomes = [client.connect_as_nix() for _ in range(10)]
     assert outcomes == ["ok"] * 10
     assert client.master_running()
-    logins = (builder.root / "sshd.log").read_text().count("Accepted publickey")
+    logins = builder.logins()
     assert logins == 1, f"{logins} logins for 10 connections: they were not shared"
 
 
