@@ -1,8 +1,18 @@
 # The two kinds of node the VM tests are made of: nixfarm's client or builder
-# module on node.nix (the test farm and keys), enabled. A test passes only
-# what it changes: `client` is merged into services.nixfarm.client,
-# `builder` into services.nixfarm.builder, `machine` beside them (VM size).
+# module on node.nix (the test farm), enabled, with that role's test keys in
+# place. A test passes only what it changes: `client` is merged into
+# services.nixfarm.client, `builder` into services.nixfarm.builder, `machine`
+# beside them (VM size).
 { self }:
+let
+  # environment.etc with a mode copies the file (root-owned, that mode)
+  # instead of linking into the world-readable store: ssh refuses a private
+  # key or host key that others can read.
+  secret = file: {
+    source = file;
+    mode = "0600";
+  };
+in
 {
   client = client: {
     imports = [
@@ -14,6 +24,16 @@
       sshKey = "/etc/nix/nixfarm_ed25519";
     }
     // client;
+    # The client's own key where sshKey says, and the other roles' keys for
+    # the tests that use them.
+    environment.etc = {
+      "nix/nixfarm_ed25519" = secret ./keys/client;
+      "nixfarm-test/monitor_ed25519" = secret ./keys/monitor;
+      "nixfarm-test/ops_ed25519" = secret ./keys/ops;
+    };
+    # A client never builds locally here, so every build shows where the farm
+    # sent it (as in nixpkgs' nixos/tests/nix/remote-build.nix).
+    nix.settings.max-jobs = 0;
   };
 
   builder =
@@ -21,6 +41,7 @@
       builder ? { },
       machine ? { },
     }:
+    { config, ... }:
     {
       imports = [
         self.nixosModules.builder
@@ -30,6 +51,9 @@
         enable = true; # name: the node's host name
       }
       // builder;
+      # The host key the inventory pins for this builder (builder1, builder2).
+      environment.etc."ssh/ssh_host_ed25519_key" =
+        secret (./keys + "/${config.services.nixfarm.builder.name}_host");
     }
     // machine;
 }
