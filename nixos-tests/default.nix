@@ -6,13 +6,7 @@
 let
   inherit (pkgs) lib;
 
-  names = [
-    "offload"
-    "gateway"
-    "failover"
-    "gc"
-    "memory-cap"
-  ];
+  names = import ./names.nix;
 
   runTest =
     name:

@@ -302,3 +302,79 @@ def test_builder_misconfigurations_are_refused(facts: dict[str, Any]) -> None:
     assert 'services.nixfarm.builder.name is "nosuch"' in messages
     assert "services.nixfarm.builder.minFree (200G) must be below" in messages
     assert 'services.nixfarm.farm.builders."big": minFree (1T) must be below maxFree' in messages
+
+
+# the VM tests' nodes ------------------------------------------------------------
+
+VM_FACTS = REPO / "tests" / "nix" / "vm-node-facts.nix"
+
+
+@pytest.fixture(scope="module")
+def vm_nodes() -> dict[str, dict[str, Any]]:
+    """Every node of every VM test, evaluated (tests/nix/vm-node-facts.nix), by test."""
+    assert NIX_INSTANTIATE is not None
+    proc = subprocess.run(
+        [NIX_INSTANTIATE, "--eval", "--strict", "--json", str(VM_FACTS), "--argstr", "nixpkgs", NIXPKGS],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return dict(json.loads(proc.stdout))
+
+
+def vm_nodes_of(vm_nodes: dict[str, dict[str, Any]], role: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, node) for every VM test node of that role."""
+    return [
+        (f"nixos-tests/{test}.nix node {name}", node)
+        for test, nodes in vm_nodes.items()
+        for name, node in nodes.items()
+        if node["roles"] == [role]
+    ]
+
+
+def test_every_vm_test_node_evaluates_cleanly(vm_nodes: dict[str, dict[str, Any]]) -> None:
+    names = (REPO / "nixos-tests" / "names.nix").read_text()
+    assert set(vm_nodes) == set(re.findall(r'^\s*"([a-z-]+)"$', names, re.MULTILINE))
+    for test, nodes in vm_nodes.items():
+        assert nodes, f"{test}: no nodes"
+        for name, node in nodes.items():
+            where = f"nixos-tests/{test}.nix node {name}"
+            assert node["failedAssertions"] == [], where
+            assert node["warnings"] == [], where
+            assert len(node["roles"]) == 1, f"{where}: roles {node['roles']}"
+            # No node waits on a binary cache the VMs cannot reach.
+            assert conf_lines(node["nixConf"])["substituters"] == "", where
+
+
+def test_vm_test_builders_have_their_pinned_host_key(vm_nodes: dict[str, dict[str, Any]]) -> None:
+    builders = vm_nodes_of(vm_nodes, "builder")
+    assert builders
+    for where, node in builders:
+        name = where.rsplit(" ", 1)[1]
+        assert node["builderName"] == name, where
+        # A copy readable by root only, of the key farm.nix pins for this builder.
+        assert node["etc"]["ssh/ssh_host_ed25519_key"] == {"mode": "0600", "source": f"{name}_host"}, where
+        assert "nix/nixfarm_ed25519" not in node["etc"], where
+        argv = node["execStart"]["nixfarm-agent"].split()
+        assert argv[1:4] == ["--config", "/etc/nixfarm/agent.json", "agent"], where
+
+
+def test_vm_test_clients_have_their_keys_and_never_build_locally(vm_nodes: dict[str, dict[str, Any]]) -> None:
+    clients = vm_nodes_of(vm_nodes, "client")
+    assert clients
+    for where, node in clients:
+        for file, key in [
+            ("nix/nixfarm_ed25519", "client"),
+            ("nixfarm-test/monitor_ed25519", "monitor"),
+            ("nixfarm-test/ops_ed25519", "ops"),
+        ]:
+            assert node["etc"][file] == {"mode": "0600", "source": key}, f"{where}: {file}"
+        assert "ssh/ssh_host_ed25519_key" not in node["etc"], where
+        assert conf_lines(node["nixConf"])["max-jobs"] == "0", where
+        lines = node["machines"].splitlines()
+        assert lines and all(line.startswith("ssh-ng://nixfarm@builder") for line in lines), where
+    # The tests that turn the dispatcher off read Nix's static list; the others run it.
+    assert "nixfarm-dispatch" not in vm_nodes["gateway"]["client"]["execStart"]
+    assert "nixfarm-dispatch" in vm_nodes["offload"]["client"]["execStart"]
