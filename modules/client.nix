@@ -246,7 +246,9 @@ in
         mandatoryFeatures
         ;
       inherit sshKey;
-      supportedFeatures = b.features;
+      # nixpkgs appends mandatoryFeatures to supportedFeatures when it writes
+      # the line (nix-remote-build.nix), so a feature in both would be listed twice.
+      supportedFeatures = nixfarmLib.featuresNotMandatory b;
       publicHostKey = nixfarmLib.base64Encode (nixfarmLib.keyOnly b.hostKey);
     }) builders;
 

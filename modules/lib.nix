@@ -232,12 +232,15 @@ let
 
   gatewayArgs = name: role: "gateway --client ${name} --role ${role}";
 
+  featuresNotMandatory = b: filter (f: !elem f b.mandatoryFeatures) b.features;
+
   listOrDash = l: if l == [ ] then "-" else concatStringsSep "," l;
 
   # One line of Nix's machines file (nix.conf(5), "builders"): URI, systems,
   # key, max jobs, speed factor, supported features, mandatory features,
-  # base64 host key. Supported features include the mandatory ones, as
-  # nixpkgs' nix-remote-build.nix writes them.
+  # base64 host key. Supported features include the mandatory ones, after
+  # the others, as nixpkgs' nix-remote-build.nix writes them from
+  # nix.buildMachines (which gets the others only: client.nix).
   machinesLine =
     entry:
     let
@@ -255,7 +258,7 @@ let
       (if b.sshKey == null then "-" else b.sshKey)
       (toString b.maxJobs)
       (toString b.speedFactor)
-      (listOrDash (unique (b.features ++ b.mandatoryFeatures)))
+      (listOrDash (featuresNotMandatory b ++ b.mandatoryFeatures))
       (listOrDash b.mandatoryFeatures)
       (if b.hostKey == null then "-" else base64Encode (keyOnly b.hostKey))
     ];
@@ -429,6 +432,7 @@ in
     base64Encode
     builderDefaults
     checkInventory
+    featuresNotMandatory
     clientDefaults
     clientNameRegex
     keyOnly

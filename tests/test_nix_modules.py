@@ -222,6 +222,13 @@ def test_client_machines_file(facts: dict[str, Any]) -> None:
     ]
 
 
+def test_client_machines_file_lists_a_supported_and_mandatory_feature_once(facts: dict[str, Any]) -> None:
+    machines = facts["overlap"]["machines"]
+    assert sorted(machines.splitlines()) == sorted(facts["overlap"]["expectedMachines"].splitlines())
+    big = next(line for line in machines.splitlines() if "big.example.org" in line).split()
+    assert big[5:7] == ["kvm,nixos-test,benchmark,big-parallel", "big-parallel"]
+
+
 def test_client_nix_conf(facts: dict[str, Any]) -> None:
     conf = conf_lines(facts["client"]["nixConf"])
     assert conf["builders"] == "@/var/lib/nixfarm-client/machines"

@@ -86,6 +86,21 @@ in
     inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
   };
 
+  # A feature both supported and mandatory: nixpkgs writes the line from
+  # nix.buildMachines, our dispatcher from machinesLine; they must agree.
+  overlap =
+    let
+      c = machine "client" "laptop" [
+        { services.nixfarm.farm.builders.big.mandatoryFeatures = [ "big-parallel" ]; }
+      ];
+    in
+    {
+      machines = c.environment.etc."nix/machines".text;
+      expectedMachines = lib.concatMapStrings (
+        b: nixfarmLib.machinesLine (b // { sshKey = "/etc/nix/nixfarm_ed25519"; }) + "\n"
+      ) (lib.attrValues c.services.nixfarm.farm.builders);
+    };
+
   broken = {
     client = failed (
       machine "client" "laptop" [
