@@ -176,3 +176,19 @@ def test_gc_works_locally_status_and_a_clear_line_without_an_agent(tmp_path: Pat
     now = nixfarm("gc", "--now", config=config, tmp_path=tmp_path)
     assert_one_line(now, 1, f"the nixfarm agent is not running (nothing answers on {tmp_path}/control.sock)")
     assert_one_line(nixfarm("gc", "--now", "--status"), 2, "not allowed with argument")
+
+
+def test_commands_that_reach_builders_print_no_library_warnings(tmp_path: Path) -> None:
+    # asyncssh's import once printed ten CryptographyDeprecationWarning lines (DSA) on
+    # every such command; with warnings as errors, importing them must still work.
+    strict = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import nixfarm.dispatch, nixfarm.doctor, nixfarm.sshconn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert strict.returncode == 0, strict.stderr
+    result = nixfarm("status", "--machines", str(tmp_path / "machines"))
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Warning" not in result.stderr

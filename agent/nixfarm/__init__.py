@@ -1,6 +1,13 @@
 """nixfarm: agent and dispatcher for a self-hosted Nix build farm."""
 
 import functools
+import warnings
+
+# asyncssh (2.24) still names DSA keys, which cryptography >= 48 deprecates:
+# importing it printed ten CryptographyDeprecationWarning lines on every
+# command that reaches a builder. nixfarm never uses DSA (keys are the
+# inventory's, host keys pinned); only asyncssh's own import is silenced.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh(\.|$)")
 
 
 @functools.cache
