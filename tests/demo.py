@@ -125,7 +125,7 @@ def show(files: dict[str, Path], started: float, done: dict[str, float | None], 
     if static:
         console.print("(static machines file: no dispatcher, no status)")
         return
-    console.print(render(read_status(status_path(str(files[CLIENTS[0]]))), time.time()))
+    console.print(render(read_status(status_path(str(files[CLIENTS[0]]))), time.time()), soft_wrap=True)
 
 
 def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:

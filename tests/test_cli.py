@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,80 @@ def test_commands_that_reach_builders_print_no_library_warnings(tmp_path: Path) 
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1, result.stderr
     assert "Warning" not in result.stderr
+
+
+def test_status_fits_80_columns_when_not_a_terminal(tmp_path: Path) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIVD/QeH8VBuzO9P38u8/KHoysiLVjYoRcWxo75QwzE3"
+    line = f"ssh-ng://nixfarm@{{}}.example.org x86_64-linux /etc/nix/nixfarm_ed25519 8 1 kvm - {key}"
+
+    def builder(name: str, state: str, reason: str = "") -> dict[str, object]:
+        snapshot = {
+            "builds": {"active": 12},
+            "nix_config": {"max_jobs": 16},
+            "load": {"avg1": 12.34},
+            "psi": {"cpu_some_avg10": 100.0},
+            "store": {"free_bytes": 1234 * 2**30},
+            "gc": {"running": True},
+        }
+        return {
+            "name": name,
+            "state": state,
+            "reason": reason,
+            "last_seen": time.time() - 3 * 86400,
+            "line": None if state == "down" else line.format(name),
+            "held_back": 12,
+            "in_flight": 10,
+            "ahead": 3,
+            "snapshot": {} if state == "down" else snapshot,
+        }
+
+    status = {
+        "client": "ci-runner-17",
+        "updated": time.time() - 1,
+        "machines_file": "/var/lib/nixfarm-client/machines",
+        "builders": [
+            builder("big-builder-01", "healthy"),
+            builder("small", "degraded", "store nearly full: 1.2 GiB free, below min-free 2 GiB"),
+            builder("arm-builder-16ch", "down", "unreachable: connection refused (retry in 180 s)"),
+        ],
+    }
+    (tmp_path / "dispatch-status.json").write_text(json.dumps(status))
+    result = nixfarm("status", "--machines", str(tmp_path / "machines"), env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, text in enumerate(lines) if text.startswith("builder "))
+    table = lines[header : header + 4]
+    assert all(len(text) <= 80 for text in table), table
+    assert table[0].split() == [
+        "builder",
+        "state",
+        "jobs",
+        "mine",
+        "held",
+        "ahead",
+        "load",
+        "cpu",
+        "free",
+        "gc",
+        "seen",
+    ]
+    # Every value whole: nothing folded onto a second line or cut with "…".
+    assert table[1].split()[:11] == [
+        "big-builder-01",
+        "healthy",
+        "12/16",
+        "10",
+        "12",
+        "3",
+        "12.34",
+        "100%",
+        "1234G",
+        "running",
+        "3d",
+    ]
+    assert table[3].split()[:3] == ["arm-builder-16ch", "down", "-/-"]
+    assert "…" not in "\n".join(table)
+    # Below it, each reason and each machines line whole, on one line.
+    assert "small: degraded: store nearly full: 1.2 GiB free, below min-free 2 GiB" in lines
+    assert f"big-builder-01: {line.format('big-builder-01')}" in lines
+    assert "arm-builder-16ch: (left out)" in lines

@@ -36,11 +36,21 @@ def read_status(path: str) -> dict[str, Any]:
 
 
 def _ago(t: float | None, now: float) -> str:
-    return "never" if t is None else f"{max(0.0, now - t):.0f} s ago"
+    """How long ago, in at most 4 characters: 12s, 5m, 3h, 2d."""
+    if t is None:
+        return "never"
+    seconds = max(0.0, now - t)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+    if n is None:
+        return "-"
+    gib = n / 2**30
+    return f"{gib:.1f}G" if gib < 100 else f"{gib:.0f}G"  # at most 5 characters below 100 TiB
 
 
 def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
@@ -66,7 +76,7 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
             # This client's builds there or on their way (its Nix's hooks' slot locks).
             "mine": "-" if b.get("in_flight") is None else str(b["in_flight"]),
             "load": f"{load['avg1']:.2f}" if "avg1" in load else "-",
-            "cpu psi": f"{psi['cpu_some_avg10']:.1f}%" if "cpu_some_avg10" in psi else "-",
+            "cpu psi": f"{psi['cpu_some_avg10']:.0f}%" if "cpu_some_avg10" in psi else "-",
             "free disk": _gib(store.get("free_bytes")),
             "gc": "running" if gc.get("running") else ("error" if gc.get("error") else "idle"),
             "last seen": _ago(b.get("last_seen"), now),
@@ -75,30 +85,48 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
     return out
 
 
+# The table's columns: a row's key and its header, short enough that the table fits
+# 80 columns with builder names of up to 16 characters (README "nixfarm status").
+COLUMNS = (
+    ("builder", "builder"), ("state", "state"), ("jobs", "jobs"), ("mine", "mine"),
+    ("held back", "held"), ("ahead", "ahead"), ("load", "load"), ("cpu psi", "cpu"),
+    ("free disk", "free"), ("gc", "gc"), ("last seen", "seen"),
+)  # fmt: skip
+
+
 def render(status: dict[str, Any], now: float) -> Any:
-    """A rich Table of the status."""
+    """A rich Table of the status, then each builder's reason and what Nix sees."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     colours = {"healthy": "green", "degraded": "yellow", "down": "red"}
-    table = Table(title=f"nixfarm: builders of client {status.get('client', '?')} "
-                  f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
+    table = Table(
+        title=f"builders of client {status.get('client', '?')}, "
+        f"updated {_ago(status.get('updated'), now)} ago",
+        box=None,
+        header_style="bold",
+        collapse_padding=True,
+        pad_edge=False,
+    )
     data = rows(status, now)
-    columns = (
-        "builder", "state", "jobs", "mine", "held back", "ahead", "load", "cpu psi", "free disk", "gc",
-        "last seen", "reason",
-    )  # fmt: skip
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for _, header in COLUMNS:
+        # Never folded mid-word: a builder name too long for the screen is cut with "…".
+        table.add_column(header, no_wrap=True, overflow="ellipsis")
     for row in data:
         colour = colours.get(row["state"], "white")
-        table.add_row(*[f"[{colour}]{row[c]}[/]" if c == "state" else row[c] for c in columns])
-    # The lines are long (key path, base64 host key): below the table, unfolded.
-    lines = Text(f"\nwhat Nix sees in {status.get('machines_file', '?')}:\n", style="bold")
+        table.add_row(*[f"[{colour}]{row[key]}[/]" if key == "state" else row[key] for key, _ in COLUMNS])
+    # Reasons and machines lines are long (key path, base64 host key): below the table,
+    # each on one line however wide, so that it can be copied whole or grepped.
+    # (The caller prints with soft_wrap: rich would otherwise fold or crop them.)
+    notes = Text()
     for row in data:
-        lines.append(f"{row['builder']}: {row['nix sees']}\n", style="dim" if row["state"] == "down" else "")
-    return Group(table, lines)
+        if row["reason"]:
+            notes.append(f"{row['builder']}: {row['state']}: {row['reason']}\n")
+    notes.append(f"\nwhat Nix sees in {status.get('machines_file', '?')}:\n", style="bold")
+    for row in data:
+        notes.append(f"{row['builder']}: {row['nix sees']}\n", style="dim" if row["state"] == "down" else "")
+    return Group(table, notes)
 
 
 def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
@@ -112,7 +140,7 @@ def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
 
     console = Console()
     if not watch:
-        console.print(render(read_status(path), time.time()))
+        console.print(render(read_status(path), time.time()), soft_wrap=True)
         return 0
     with Live(render(read_status(path), time.time()), console=console, refresh_per_second=2) as live:
         while True:
