@@ -1,4 +1,5 @@
-# Evaluates one of examples/ as a NixOS machine with nixpkgs' eval-config.nix.
+# Evaluates one of examples/ (or a VM test node: tests/nix/vm-node-facts.nix)
+# as a NixOS machine with nixpkgs' eval-config.nix.
 # Used by the flake's checks and by tests/test_nix_modules.py (NIXPKGS=...).
 {
   nixpkgs,
@@ -6,11 +7,12 @@
   hostName,
   system ? "x86_64-linux",
   extraModules ? [ ],
+  # The VM tests' nodes import the one role's module they use themselves.
+  nixfarmModules ? [ ../../modules ],
 }:
 import "${nixpkgs}/nixos/lib/eval-config.nix" {
   system = null; # set modularly below
-  modules = [
-    ../../modules
+  modules = nixfarmModules ++ [
     example
     {
       imports = extraModules;

@@ -50,11 +50,11 @@ let
           inherit nixpkgs hostName;
           example = module;
           extraModules = [ vmModule ];
+          nixfarmModules = [ ];
         }).config;
       units = lib.filter (u: config.systemd.services ? ${u}) [
         "nixfarm-agent"
         "nixfarm-dispatch"
-        "nix-daemon"
       ];
     in
     {
