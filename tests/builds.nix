@@ -4,10 +4,14 @@
 #   seconds  how long each sleeps
 #   kib      size of each output, in KiB (0: a small text file)
 #   slots    if > 0, hold one of the builder's slot tokens while working (emulated cores)
-{ nonce, count ? 1, seconds ? 0, kib ? 0, slots ? 0, features ? [ ] }:
+#   spin     if > 0, first count to it in the shell: CPU time the build really uses
+#   fail     if 1, exit 1 without an output
+{ nonce, count ? 1, seconds ? 0, kib ? 0, slots ? 0, features ? [ ], spin ? 0, fail ? 0 }:
 let
   work =
-    if kib > 0 then
+    if fail > 0 then
+      "exit 1"
+    else if kib > 0 then
       "/bin/dd if=/dev/zero of=$out bs=1024 count=${toString kib} status=none"
     else
       "echo built on $(/bin/cat /proc/sys/kernel/hostname) > $out";
@@ -27,7 +31,7 @@ let
           done
           /bin/sleep 0.05
         done
-      '' else "/bin/sleep ${toString seconds}; ${work}")
+      '' else "i=0; while [ $i -lt ${toString spin} ]; do i=$((i + 1)); done; /bin/sleep ${toString seconds}; ${work}")
     ];
   };
 in

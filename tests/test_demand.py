@@ -66,9 +66,9 @@ def test_without_the_agent_s_directory_there_is_no_demand(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown the directory (tests/run runs as root)")
 def test_the_agent_makes_the_directory_for_its_control_group_only(tmp_path: Path) -> None:
-    demand.prepare_dir(str(tmp_path), "")
+    demand.prepare_dir(demand.demand_dir(str(tmp_path)), "")
     assert not os.path.exists(demand.demand_dir(str(tmp_path)))  # root only: no place for streams
-    demand.prepare_dir(str(tmp_path), "nogroup")
+    demand.prepare_dir(demand.demand_dir(str(tmp_path)), "nogroup")
     st = os.stat(demand.demand_dir(str(tmp_path)))
     assert (st.st_mode & 0o7777, st.st_uid) == (0o770, 0)
     assert st.st_gid == grp.getgrnam("nogroup").gr_gid

@@ -206,7 +206,9 @@ def test_stream_interval_bounds_are_inclusive(value: str, expected: float) -> No
 def test_refusal_names_the_allowed_commands_for_the_role() -> None:
     with pytest.raises(RefusedError) as metrics_refusal:
         decide(["nixfarm", "frobnicate"], "metrics")
-    assert "allowed: nixfarm metrics, nixfarm stream, nixfarm gc --status)" in str(metrics_refusal.value)
+    assert "allowed: nixfarm metrics, nixfarm stream, nixfarm gc --status, nixfarm accounts)" in str(
+        metrics_refusal.value
+    )
     with pytest.raises(RefusedError) as build_refusal:
         decide(["nixfarm", "frobnicate"], "build")
     assert "nix-daemon --stdio" in str(build_refusal.value)
@@ -214,7 +216,7 @@ def test_refusal_names_the_allowed_commands_for_the_role() -> None:
 
 
 def test_allowed_summary_per_role() -> None:
-    assert allowed_summary("metrics") == "nixfarm metrics, nixfarm stream, nixfarm gc --status"
+    assert allowed_summary("metrics") == "nixfarm metrics, nixfarm stream, nixfarm gc --status, nixfarm accounts"
     build = allowed_summary("build")
     for command in (
         "nixfarm metrics",
@@ -338,3 +340,35 @@ def test_only_the_given_environ_is_checked(monkeypatch: pytest.MonkeyPatch, no_t
     monkeypatch.setenv("SSH_AUTH_SOCK", "/run/agent.sock")
     monkeypatch.setenv("DISPLAY", ":0")
     check_session({})  # raises RefusedError if it looked at os.environ
+
+
+@pytest.mark.parametrize("role", ["metrics", "build", "admin"])
+@pytest.mark.parametrize(
+    ("command", "since"),
+    [
+        ("nixfarm accounts", None),
+        ("nixfarm accounts --json", None),
+        ("nixfarm accounts --since 12h", 12 * 3600.0),
+        ("nixfarm accounts --json --since 7d", 7 * 86400.0),
+        ("nixfarm accounts --since 90", 90.0),
+    ],
+)
+def test_every_role_may_read_the_accounts(command: str, since: float | None, role: str) -> None:
+    decision = decide(split_command(command), role)
+    assert (decision.action, decision.since) == ("accounts", since)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("nixfarm accounts --since", "takes only --json and --since DURATION"),
+        ("nixfarm accounts --since 0", "out of range"),
+        ("nixfarm accounts --since 12y", "not a duration"),
+        ("nixfarm accounts --since -5m", "not a duration"),
+        ("nixfarm accounts --since 1d --since 2d", "takes only"),
+        ("nixfarm accounts --all", "takes only"),
+    ],
+)
+def test_accounts_refuses_anything_else(command: str, message: str) -> None:
+    with pytest.raises(RefusedError, match=message):
+        decide(split_command(command), "build")

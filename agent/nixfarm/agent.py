@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any
 
-from . import control, demand, logs
+from . import control, demand, logs, sessions
+from .accounts import Accountant
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
 from .metrics import Collector, read_store_fs
@@ -40,6 +41,8 @@ class Agent:
         self.usage = UsageRecords(config.state_dir, config.store_dir)
         self.usage.load()
         self.gc = GarbageCollector(config, self.usage)
+        self.accounts = Accountant(config.state_dir, self.collector.build_uids)
+        self.accounts.load()
         self.stopping = False
         self._worker: threading.Thread | None = None
         self._backoff = BACKOFF_FIRST
@@ -73,10 +76,14 @@ class Agent:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        try:
-            demand.prepare_dir(self.config.state_dir, self.config.control_group)
-        except (OSError, KeyError) as e:  # KeyError: no such group
-            self.log.warning("no place for the clients' demand (streams will not report it): %s", e)
+        for what, directory in (
+            ("the clients' demand (streams will not report it)", demand.demand_dir(self.config.state_dir)),
+            ("the gateway's sessions (no per-client accounts)", sessions.sessions_dir(self.config.state_dir)),
+        ):
+            try:
+                demand.prepare_dir(directory, self.config.control_group)
+            except (OSError, KeyError) as e:  # KeyError: no such group
+                self.log.warning("no place for %s: %s", what, e)
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
@@ -105,6 +112,7 @@ class Agent:
                 if now >= due["save"]:
                     self.usage.save()
                     due["save"] = now + SAVE_EVERY
+                self._save_accounts(force=False)
                 if watchdog:
                     notify("WATCHDOG=1")
                 time.sleep(min(longest_sleep, max(0.01, min(due.values()) - time.monotonic())))
@@ -114,6 +122,7 @@ class Agent:
             if self._worker:
                 self._worker.join(timeout=60)
             self.usage.save()
+            self._save_accounts(force=True)
             self.collector.close()
         notify("STOPPING=1")
         self.log.info("stopping")
@@ -141,12 +150,19 @@ class Agent:
         uids = self.collector.build_uids
         active = self.builds.look()["active"] > 0
         self.usage.record(paths_in_use(uids if active else frozenset()))
+        self.accounts.look()
         if self.builds.unsaved:
             try:
                 self.builds.save(self.config.state_dir)
             except OSError as e:  # streams then go by what they saw themselves
                 self.log.warning("cannot record finished builds in %s: %s", self.config.state_dir, e)
         return self.config.usage_sample_interval
+
+    def _save_accounts(self, force: bool) -> None:
+        try:
+            self.accounts.save(force)
+        except OSError as e:  # kept in memory; tried again at the next save
+            self.log.warning("cannot save the accounts in %s: %s", self.config.state_dir, e)
 
     def _check_free_space(self) -> float:
         """Start a pass if free space is below min-free; returns seconds until the next check.

@@ -268,15 +268,18 @@ def _report_warnings(warnings: list[str]) -> None:
         print(f"nixfarm: warning: {w}", file=sys.stderr)
 
 
-def print_metrics(config: AgentConfig, output_format: str) -> int:
-    """`nixfarm metrics`: one snapshot on stdout."""
+def print_metrics(config: AgentConfig, output_format: str, viewer: str | None = None) -> int:
+    """`nixfarm metrics`: one snapshot on stdout (with only `viewer`'s client name, if given)."""
     from .metrics import Collector
+    from .privacy import snapshot_for
 
     collector = Collector(config)
     try:
         snap = collector.snapshot()
     finally:
         collector.close()
+    if viewer is not None:
+        snap = snapshot_for(snap, viewer)
     if output_format == "prometheus":
         from .prometheus import render
 
@@ -344,16 +347,22 @@ class _Input:
 
 
 def run_stream(
-    config: AgentConfig, interval: float, count: int | None = None, client: str | None = None
+    config: AgentConfig,
+    interval: float,
+    count: int | None = None,
+    client: str | None = None,
+    viewer: str | None = None,
 ) -> int:
     """`nixfarm stream`: a JSON line per interval until stdin closes or stdout breaks.
 
     With `client` (the gateway names it, for the build and admin roles), a
     `demand N` line on stdin is kept as that client's builds waiting for a
-    machine (demand.py); other input is ignored.
+    machine (demand.py); other input is ignored. With `viewer`, other clients'
+    names are hidden (privacy.py).
     """
     from . import demand
     from .metrics import Collector
+    from .privacy import snapshot_for
 
     # A session may also end with SIGHUP: that means "done", quietly. (SIGPIPE
     # stays ignored, as Python sets it, so a gone reader is a BrokenPipeError.)
@@ -369,7 +378,10 @@ def run_stream(
                 kept.refresh()
                 if kept.problem:
                     collector.warnings.append(kept.problem)
-            line = json.dumps(collector.snapshot(), sort_keys=True).encode() + b"\n"
+            snap = collector.snapshot()
+            if viewer is not None:
+                snap = snapshot_for(snap, viewer)
+            line = json.dumps(snap, sort_keys=True).encode() + b"\n"
             try:
                 os.write(1, line)  # unbuffered: a reader sees each line at once
             except BrokenPipeError:
@@ -384,6 +396,18 @@ def run_stream(
         if kept:
             kept.remove()
         collector.close()
+
+
+def print_accounts(config: AgentConfig, since: float | None, viewer: str | None = None) -> int:
+    """`nixfarm accounts`: this builder's per-client accounts as JSON (README "Accounts")."""
+    from .accounts import report
+    from .privacy import report_for
+
+    data = report(config.state_dir, None if since is None else time.time() - since)
+    if viewer is not None:
+        data = report_for(data, viewer)
+    print(json.dumps(data, sort_keys=True))
+    return 0
 
 
 def _mib(n: int | None) -> str:

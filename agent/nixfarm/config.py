@@ -38,6 +38,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "gc_check_interval": (int, float),
     "usage_sample_interval": (int, float),
     "control_group": str,
+    "share_client_names": bool,
+    "prometheus_listen": str,
 }
 
 
@@ -70,6 +72,10 @@ class AgentConfig:
     usage_sample_interval: float = 1.0
     # Group allowed to use the agent's control socket (gc --now / --dry-run); "": root only.
     control_group: str = ""
+    # May a metrics-role key see other clients' names (running builds, accounts)?
+    share_client_names: bool = False
+    # "ADDRESS:PORT" where the agent serves Prometheus metrics over HTTP; "": not at all.
+    prometheus_listen: str = ""
 
     def __init__(self, **values: object) -> None:
         for key in values:
@@ -101,7 +107,7 @@ def parse_config(data: Any, source: str) -> AgentConfig:
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})")
         expected = _TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             names = expected.__name__ if isinstance(expected, type) else "number"
             raise ConfigError(f"{source}: key {key!r} must be a {names}, got {value!r}")
         values[key] = value
@@ -116,7 +122,43 @@ def parse_config(data: Any, source: str) -> AgentConfig:
     for key in ("stream_max_seconds", "gc_check_interval", "usage_sample_interval"):
         if not 0 < values.get(key, 1) < math.inf:
             raise ConfigError(f"{source}: key {key!r} must be a positive number of seconds")
+    if values.get("prometheus_listen"):
+        _check_listen(values["prometheus_listen"], f"{source}: key 'prometheus_listen'")
     return AgentConfig(**values)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 10 * 365 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "90", "90s", "30m", "12h", "7d" or "2w"; ValueError if it is none of these."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _DURATION_UNITS else (text, "s")
+    if not number.isdigit() or len(number) > 9:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90m, 12h, 7d)")
+    seconds = int(number) * _DURATION_UNITS[unit]
+    if not 0 < seconds <= MAX_DURATION:
+        raise ValueError(f"{text!r} is out of range (1 s to 10 years)")
+    return float(seconds)
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    """("ADDRESS", PORT) of "ADDRESS:PORT" or "[IPV6]:PORT"; ValueError if it is neither."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(text)
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _check_listen(text: str, where: str) -> None:
+    try:
+        split_listen(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not ADDRESS:PORT (e.g. 0.0.0.0:9716 or [::]:9716)") from None
 
 
 def _check_limit(text: str, where: str) -> None:

@@ -106,13 +106,13 @@ def read_demand(state_dir: str, now: float | None = None) -> dict[str, int] | No
     return counts
 
 
-def prepare_dir(state_dir: str, group: str) -> None:
-    """Make the directory the streams (the builder user, in `group`) keep counts in.
+def prepare_dir(path: str, group: str) -> None:
+    """Make a directory the builder user (in `group`) writes records in: demand
+    counts (streams), sessions (the gateway, sessions.py).
 
     Without a control group only root could write there: the directory is
-    not made, and streams keep nothing.
+    not made, and nothing is kept.
     """
-    path = demand_dir(state_dir)
     if not group:
         return
     gid = grp.getgrnam(group).gr_gid

@@ -13,7 +13,11 @@ Roles:
   build    metrics, plus `nix-daemon --stdio` (ssh-ng://) and
            `nix-store --serve [--write]` (ssh://)
   admin    build, plus `nixfarm gc --dry-run|--now [--json] [--target-free SIZE]`
-  (every role may read `nixfarm gc --status [--json]`)
+  (every role may read `nixfarm gc --status [--json]` and `nixfarm accounts [--since DURATION]`)
+
+A metrics-role key sees no other client's name (privacy.py) unless the
+builder's configuration sets `share_client_names`. Every Nix session and
+stream is recorded for the agent's per-client accounts (sessions.py).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ STREAM_INTERVAL_RANGE = (0.2, 3600.0)
 class Decision:
     """What the gateway will do: exec a Nix program, or run a nixfarm command."""
 
-    __slots__ = ("action", "argv", "gc_action", "interval", "output_format", "target_free")
+    __slots__ = ("action", "argv", "gc_action", "interval", "output_format", "since", "target_free")
 
     def __init__(
         self,
@@ -57,13 +61,15 @@ class Decision:
         interval: float = 5.0,
         gc_action: str = "",
         target_free: int | None = None,
+        since: float | None = None,
     ) -> None:
-        self.action = action  # "exec" | "metrics" | "stream" | "gc"
+        self.action = action  # "exec" | "metrics" | "stream" | "gc" | "accounts"
         self.argv = argv
         self.output_format = output_format  # metrics: json | prometheus; gc: json | text
         self.interval = interval  # stream
         self.gc_action = gc_action  # gc: status | dry-run | now
         self.target_free = target_free  # gc: bytes, or None for max-free
+        self.since = since  # accounts: seconds back, or None for all time
 
     def _key(self) -> tuple[object, ...]:
         return (
@@ -73,6 +79,7 @@ class Decision:
             self.interval,
             self.gc_action,
             self.target_free,
+            self.since,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -132,6 +139,8 @@ def decide(argv: list[str], role: str) -> Decision:
         return Decision("stream", tuple(argv), interval=_stream_interval(options))
     if sub == "gc":
         return _gc_decision(argv, options, grants, role)
+    if sub == "accounts":
+        return Decision("accounts", tuple(argv), since=_accounts_since(options))
     raise RefusedError(f"nixfarm {sub} is not allowed (allowed: {allowed_summary(role)})")
 
 
@@ -147,6 +156,21 @@ def _stream_interval(options: list[str]) -> float:
         if low <= value <= high:
             return value
     raise RefusedError(f"nixfarm stream takes only --interval SECONDS ({low} to {high})")
+
+
+def _accounts_since(options: list[str]) -> float | None:
+    """`nixfarm accounts [--json] [--since DURATION]`: always JSON on the wire."""
+    from .config import parse_duration
+
+    rest = [o for o in options if o != "--json"]
+    if not rest:
+        return None
+    if len(rest) == 2 and rest[0] == "--since":
+        try:
+            return parse_duration(rest[1])
+        except ValueError as e:
+            raise RefusedError(f"nixfarm accounts --since: {e}") from None
+    raise RefusedError("nixfarm accounts takes only --json and --since DURATION (e.g. 12h, 7d)")
 
 
 def _gc_decision(argv: list[str], options: list[str], grants: set[str], role: str) -> Decision:
@@ -175,7 +199,7 @@ def _gc_decision(argv: list[str], options: list[str], grants: set[str], role: st
 def allowed_summary(role: str) -> str:
     """The commands a role may run, for refusal messages."""
     grants = _ROLE_GRANTS[role]
-    allowed = ["nixfarm metrics", "nixfarm stream", "nixfarm gc --status"]
+    allowed = ["nixfarm metrics", "nixfarm stream", "nixfarm gc --status", "nixfarm accounts"]
     if "build" in grants:
         allowed += [" ".join(c) for c in _NIX_COMMANDS]
     if "admin" in grants:
@@ -288,15 +312,25 @@ def run(client: str, role: str, config: AgentConfig) -> int:
         decision="allowed",
         peer=peer,
     )
+    if decision.action in ("exec", "stream"):
+        from .sessions import record_session
+
+        record_session(config.state_dir, client)
     if decision.action == "exec":
         env = {k: v for k, v in os.environ.items() if k != "SSH_ORIGINAL_COMMAND"}
         env["NIXFARM_CLIENT"] = client
         os.execve(program, list(decision.argv), env)  # noqa: S606 - never a shell, by design
     from . import cli  # the read-only commands, run in this process
 
+    # Whose names this key sees: its own only, for a metrics key on a builder that does not share them.
+    viewer = client if role == "metrics" and not config.share_client_names else None
     if decision.action == "metrics":
-        return cli.print_metrics(config, decision.output_format)
+        return cli.print_metrics(config, decision.output_format, viewer)
     if decision.action == "gc":
         return cli.run_gc(config, decision.gc_action, decision.output_format == "json", decision.target_free)
+    if decision.action == "accounts":
+        return cli.print_accounts(config, decision.since, viewer)
     # Only a key that may build says how many builds its client has waiting (demand.py).
-    return cli.run_stream(config, decision.interval, client=client if role in ("build", "admin") else None)
+    return cli.run_stream(
+        config, decision.interval, client=client if role in ("build", "admin") else None, viewer=viewer
+    )

@@ -378,11 +378,17 @@ class Collector:
         }
 
     def _look_at_builds(self) -> dict[str, Any]:
-        """The running builds as seen now; the finished ones as the agent service saw them, if it runs."""
+        """The running builds as seen now; the finished ones, and whose each running one is
+        (accounts.py), as the agent service saw them, if it runs."""
+        from .accounts import read_running
+
         builds = self.builds.look()
         record = read_builds_record(self.config.state_dir)
         if record is not None:
             builds["finished"] = ended_ago(record)
+        running = read_running(self.config.state_dir)
+        if running is not None:
+            builds["running"] = running
         return builds
 
     def _demand(self) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Per-client accounts on a real builder: builds from two clients through the gateway,
+the agent service telling whose each one is, what each key may read back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import Client
+from farm import Builder, Farm
+
+
+def accounts(farm: Farm, client: str, b: Builder, *args: str) -> dict[str, Any]:
+    result = farm.ssh(client, b, " ".join(["nixfarm accounts", *args]))
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], seconds: float = 30, show: Callable[[], object] = str
+) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}: {show()}")
+        time.sleep(0.3)
+
+
+def test_builds_cpu_and_traffic_are_accounted_per_client(farm: Farm, client: Client) -> None:
+    alice, bob = farm.add_client("alice"), farm.add_client("bob")
+    farm.add_client("watcher")
+    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build", "watcher": "metrics"})
+    agent = farm.start_agent(b, "--interval", "1")
+
+    # alice: a build that spins the CPU, over ssh-ng; while it runs, the builder lists it as hers.
+    running: dict[str, Any] = {}
+
+    def look_while_it_runs() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(running) < 2:
+            for viewer in ("alice", "watcher"):
+                result = farm.ssh(viewer, b, "nixfarm metrics --json")
+                builds = (
+                    json.loads(result.stdout)["builds"].get("running") if result.returncode == 0 else None
+                )
+                if builds:
+                    running[viewer] = builds
+            time.sleep(0.3)
+
+    looker = threading.Thread(target=look_while_it_runs)
+    looker.start()
+    spun = client.build(b.machines_line(alice, "ssh-ng"), seconds=3, spin=300_000)
+    looker.join()
+    assert spun.returncode == 0, spun.stderr
+    assert [r["client"] for r in running["alice"]] == ["alice"], running
+    assert running["alice"][0]["name"].startswith("nixfarm-test-")
+    assert [r["client"] for r in running["watcher"]] == ["(others)"]  # a metrics key: no names
+
+    # bob: one build that succeeds and one that fails, over the legacy ssh:// protocol. (Each
+    # takes 2 s: the agent looks once a second, and a shorter build may go unseen.)
+    assert client.build(b.machines_line(bob, "ssh"), seconds=2).returncode == 0
+    assert client.build(b.machines_line(bob, "ssh"), seconds=2, fail=1).returncode != 0
+
+    def counts() -> dict[str, Any]:
+        return accounts(farm, "alice", b)["clients"]
+
+    wait_for(
+        "alice's build finished, bob's two ended (one failed)",
+        lambda: (
+            counts().get("alice", {}).get("builds_finished") == 1
+            and counts().get("bob", {}).get("builds_failed") == 1
+            and counts().get("bob", {}).get("builds_finished") == 1
+        ),
+        show=counts,
+    )
+    seen = counts()
+    assert seen["alice"]["builds_started"] == 1 and seen["bob"]["builds_started"] == 2
+    assert seen["alice"]["builds_failed"] == 0
+    assert seen["alice"]["build_seconds"] >= 2.5  # it slept 3 s, seen to a second
+    assert seen["alice"]["cpu_seconds"] >= 0.1 > seen["bob"]["cpu_seconds"]  # only hers spun
+    for name in ("alice", "bob"):
+        assert seen[name]["received_bytes"] > 1000 and seen[name]["sent_bytes"] > 1000, seen[name]
+
+    # A metrics key reads the accounts, but not whose they are.
+    watched = accounts(farm, "watcher", b, "--since", "1h")["clients"]
+    assert set(watched) <= {"(others)", "watcher"}
+    assert watched["(others)"]["builds_started"] == 3
+
+    # Kept across a restart of the agent.
+    assert farm.stop_agent(b, agent) == 0
+    farm.start_agent(b, "--interval", "1")
+    again = accounts(farm, "bob", b)["clients"]
+    for name in ("alice", "bob"):
+        for counter in ("builds_started", "builds_finished", "builds_failed", "cpu_seconds"):
+            assert again[name][counter] == seen[name][counter], (name, counter)
+    assert Path(b.root, "state", "accounts.json").stat().st_mode & 0o777 == 0o644
