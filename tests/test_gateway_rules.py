@@ -216,7 +216,8 @@ def test_refusal_names_the_allowed_commands_for_the_role() -> None:
 
 
 def test_allowed_summary_per_role() -> None:
-    assert allowed_summary("metrics") == "nixfarm metrics, nixfarm stream, nixfarm gc --status, nixfarm accounts"
+    metrics = "nixfarm metrics, nixfarm stream, nixfarm gc --status, nixfarm accounts"
+    assert allowed_summary("metrics") == metrics
     build = allowed_summary("build")
     for command in (
         "nixfarm metrics",
