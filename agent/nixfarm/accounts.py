@@ -1,7 +1,7 @@
 """Per-client accounts of a builder: builds, build time, CPU time and SSH traffic.
 
-The agent service looks every `usage_sample_interval` (attribution.py says
-how it tells whose a build or a connection is) and keeps, per client:
+Every build is seen as Nix opens and closes its log (buildlog.py), and
+whose it is as attribution.py says. The agent keeps, per client:
 
   builds_started, builds_finished, builds_failed   counts
   build_seconds, cpu_seconds                       of builds that ended
@@ -12,11 +12,11 @@ as all-time totals and as sums per hour for the last KEEP_HOURS hours, so that
 kept in `state_dir/accounts.json` across restarts. Builds no gateway session
 started (the builder's own) are the client "" (shown as "(local)").
 
-What sampling misses, and says here rather than hides: a connection's last
-interval of traffic (it is gone before the next look), and the CPU time of a
-build's processes that neither ended under another of its processes nor
-lived until a look. A build whose outputs are not valid in the store
-FAILED_AFTER seconds after its processes ended counts as failed.
+A build whose outputs are not valid in the store FAILED_AFTER seconds after
+its log closed (REGISTERING_FOR, where they are on disk, being registered)
+counts as failed. What is sampled, every look, and so approximate: CPU time
+(the build's processes that lived until a look, and what they reaped), and
+traffic (the last interval of a connection is gone before the next look).
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import attribution
+from . import attribution, buildlog
 from .atomic import write_atomic
-from .sessions import live_sessions
+from .inotify import IN_CLOSE_WRITE, Inotify, InotifyUnavailable
+from .sessions import live_sessions, sessions_dir, start_ticks
+from .traffic import TrafficMeter, destroy_listener
 
 COUNTERS = (
     "builds_started",
@@ -50,7 +54,7 @@ KEEP_HOURS = 31 * 24
 MAX_CLIENTS = 4096  # kept in the record; more is not a farm but an attack on it
 MAX_RUNNING = 256  # builds listed in a snapshot
 SAVE_EVERY = 10.0
-FAILED_AFTER = 30.0  # seconds for a finished build's outputs to become valid ...
+FAILED_AFTER = 5.0  # seconds for a finished build's outputs to become valid ...
 REGISTERING_FOR = 600.0  # ... or, where they are on disk already, to be hashed and registered
 DB_PATH = "/nix/var/nix/db/db.sqlite"
 
@@ -147,30 +151,53 @@ def read_ledger(state_dir: str) -> Ledger | None:
 
 @dataclass
 class RunningBuild:
+    drv: str  # <hash>-<name>.drv
     client: str
-    name: str
+    worker: int  # PID of the Nix process building it; 0 if unknown
+    worker_started: int  # its start, clock ticks since boot
     outputs: list[str]
     started: float  # epoch seconds
-    cpu_ticks: int
-    last_seen: float
-    ended: float = 0.0  # epoch seconds, once its processes are gone
+    cpu_ticks: int = 0
+    ended: float = 0.0  # epoch seconds, once its log is closed
+
+    @property
+    def name(self) -> str:
+        return buildlog.drv_name(self.drv)
 
 
 class Accountant:
-    """The agent's side: looks at builds and connections, keeps the ledger."""
+    """The agent's side: follows builds and connections, keeps the ledger.
 
-    def __init__(self, state_dir: str, build_uids: frozenset[int], db_path: str = DB_PATH) -> None:
+    A thread follows the build logs (buildlog.py) and tells at each start whose
+    build it is, while its worker is surely alive; `look()`, from the agent's
+    loop, counts what the thread saw, samples the builds' CPU time and the
+    connections' traffic, and settles ended builds as finished or failed.
+    """
+
+    def __init__(
+        self,
+        state_dir: str,
+        build_uids: frozenset[int],
+        db_path: str = DB_PATH,
+        log_dir: str = buildlog.LOG_DIR,
+        temproots: str = attribution.TEMPROOTS,
+    ) -> None:
         self.state_dir = state_dir
         self.build_uids = build_uids
         self.db_path = db_path
+        self.log_dir = log_dir
+        self.temproots = temproots
         self.ledger = Ledger()
-        self.running: dict[tuple[int, int], RunningBuild] = {}  # (top PID, start) -> build
+        self.running: dict[str, RunningBuild] = {}  # by .drv name
         self.pending: list[RunningBuild] = []  # ended, outputs not valid yet
-        self.workers: dict[int, str] = {}  # worker PID -> client (a worker serves one connection)
-        self.connections: dict[int, tuple[str, int, int]] = {}  # inode -> (client, received, sent)
+        self.traffic = TrafficMeter()
+        self._processes: dict[tuple[int, int], str] = {}  # (builder PID, start) -> .drv name
+        self._workers: dict[int, str] = {}  # worker PID -> client (the watch thread's only)
+        self._seen: list[tuple[buildlog.LogEvent, RunningBuild | None]] = []  # from the thread
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         self._tick = os.sysconf("SC_CLK_TCK")
-        self._boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-        self._first_look = True
         self._saved = 0.0
 
     def load(self) -> None:
@@ -187,81 +214,190 @@ class Accountant:
         now = time.monotonic()
         if not self.ledger.changed or (not force and now - self._saved < SAVE_EVERY):
             return
-        self.ledger.forget_old(time.time())
-        write_atomic(os.path.join(self.state_dir, RECORD), self.ledger.to_json())
+        with self._lock:
+            self.ledger.forget_old(time.time())
+            record = self.ledger.to_json()
+        write_atomic(os.path.join(self.state_dir, RECORD), record)
         self.ledger.changed = False
         self._saved = now
 
     def look(self) -> None:
-        """One look at builds and connections; counts what changed since the last."""
+        """Count what the build log thread saw, the builds' CPU time and the connections' traffic."""
         now = time.time()
-        sessions = live_sessions(self.state_dir)
-        self._look_at_builds(now, sessions)
-        self._look_at_traffic(now, sessions)
-        self._settle(now)
-        self._first_look = False
+        with self._lock:  # against the thread, and report() from the control socket's
+            self._look_at_builds(now)
+            self._count_traffic(now, self.traffic.look())
+            self._settle(now)
         self._publish_running(now)
 
-    # -- builds -------------------------------------------------------------
+    def report(self, since: float | None) -> dict[str, Any]:
+        """The accounts now, as `nixfarm accounts` prints them (the control socket asks)."""
+        now = time.time()
+        with self._lock:
+            clients = self.ledger.window(since, now)
+        return {
+            "builder": socket.gethostname(),
+            "since": since,
+            "until": now,
+            "recorded": True,
+            "clients": clients,
+        }
 
-    def _look_at_builds(self, now: float, sessions: dict[int, str]) -> None:
-        seen: dict[tuple[int, int], attribution.BuildProcesses] = {}
-        new = []
-        for build in attribution.scan_builds(self.build_uids).values():
-            key = (build.top, build.started)
-            seen[key] = build
-            known = self.running.get(key)
-            if known is None:
-                new.append((key, build))
-            else:
-                known.cpu_ticks = max(known.cpu_ticks, build.cpu_ticks)
-                known.last_seen = now
-        if new:
-            self._start(now, new, sessions)
-        for key in [k for k in self.running if k not in seen]:
-            gone = self.running.pop(key)
-            gone.ended = (gone.last_seen + now) / 2  # it ended between the two looks
-            self.ledger.count(
-                gone.client,
-                now,
-                build_seconds=max(0.0, gone.ended - gone.started),
-                cpu_seconds=gone.cpu_ticks / self._tick,
-            )
-            self.pending.append(gone)
+    # -- the build log thread ------------------------------------------------
 
-    def _start(
-        self,
-        now: float,
-        new: list[tuple[tuple[int, int], attribution.BuildProcesses]],
-        sessions: dict[int, str],
-    ) -> None:
-        found = []
-        for key, build in new:
+    def start(self) -> None:
+        """Follow the build logs in a thread until `stop()`."""
+        try:
+            watch = buildlog.BuildLogWatch(self.log_dir)
+        except InotifyUnavailable as e:
+            log.warning("cannot follow the build logs (%s): no per-client build counts", e)
+            return
+        self._thread = threading.Thread(target=self._follow, args=(watch,), name="buildlog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _follow(self, watch: buildlog.BuildLogWatch) -> None:
+        sessions = self._watch_sessions()
+        destroyed = self._destroy_listener()
+        try:
+            while not self._stopping.is_set():
+                if not watch.watching:  # no build has run here yet: the directory comes with the first
+                    self._seen_builds(watch.start())
+                ready, _, _ = select.select([x for x in (watch, sessions, destroyed) if x], [], [], 1.0)
+                if watch in ready:
+                    self._seen_builds(watch.read())
+                if sessions is not None and sessions in ready:
+                    self._seen_sessions(sessions)
+                if destroyed in ready:
+                    with self._lock:
+                        for message in destroyed.get():
+                            self._count_traffic(time.time(), self.traffic.destroyed(message))
+        except Exception:  # the agent goes on; only its accounts stop
+            log.exception("following builds and sessions failed")
+        finally:
+            for closable in (watch, sessions, destroyed):
+                if closable:
+                    closable.close()
+
+    def _seen_builds(self, events: list[buildlog.LogEvent]) -> None:
+        for event in events:
+            build = self._whose(event) if event.kind == "start" else None
+            with self._lock:
+                self._seen.append((event, build))
+
+    def _watch_sessions(self) -> Inotify | None:
+        """inotify on the gateway's session records; the sessions open now, known from now on."""
+        try:
+            watch = Inotify()
+            watch.add_watch(sessions_dir(self.state_dir), IN_CLOSE_WRITE)
+        except (InotifyUnavailable, OSError) as e:
+            log.warning("cannot follow the gateway's sessions (%s): no per-client traffic", e)
+            return None
+        self._map_sessions(baseline=True)
+        return watch
+
+    def _seen_sessions(self, watch: Inotify) -> None:
+        watch.read_named()
+        self._map_sessions(baseline=False)
+
+    def _map_sessions(self, baseline: bool) -> None:
+        for pid, client in live_sessions(self.state_dir).items():
             try:
-                name, outputs = attribution.derivation_of(attribution.read_environ(build.top))
-            except OSError:
-                continue  # gone already: too short to account
-            found.append((key, build, name, outputs))
-        workers = attribution.workers_building({o for *_, outputs in found for o in outputs})
-        for key, build, name, outputs in found:
-            worker = next((workers[o] for o in outputs if o in workers), None)
-            client = LOCAL if worker is None else self._client_of_worker(worker, sessions)
-            started = self._boot + build.started / self._tick
-            self.running[key] = RunningBuild(client, name, outputs, started, build.cpu_ticks, now)
-            self.ledger.count(client, now, builds_started=1)
+                with self._lock:
+                    self.traffic.session_started(pid, client, baseline)
+            except OSError as e:  # sock_diag unavailable
+                log.warning("cannot tell which connection session %d uses: %s", pid, e)
 
-    def _client_of_worker(self, worker: int, sessions: dict[int, str]) -> str:
-        if worker not in self.workers:
+    @staticmethod
+    def _destroy_listener() -> Any:
+        try:
+            return destroy_listener()
+        except Exception as e:  # pyroute2 raises its own errors too
+            log.info("closing connections are not reported (%s): their last second is not counted", e)
+            return None
+
+    def _count_traffic(self, now: float, counted: list[tuple[str, int, int]]) -> None:
+        for client, received, sent in counted:
+            self.ledger.count(client, now, received_bytes=received, sent_bytes=sent)
+
+    def _whose(self, event: buildlog.LogEvent) -> RunningBuild:
+        """The build that just started: its worker, client and outputs."""
+        found = buildlog.worker_of(event.drv, self.temproots)
+        worker, outputs = found if found else (0, [])
+        client, started = LOCAL, 0
+        if worker:
             try:
-                client = attribution.client_of_worker(worker, sessions)
-            except OSError as e:  # sock_diag unavailable: builds stay unattributed
-                log.warning("cannot tell whose build worker %d serves: %s", worker, e)
-                client = None
-            self.workers[worker] = LOCAL if client is None else client
-            if len(self.workers) > 4096:  # forget the oldest workers
-                for old in list(self.workers)[:1024]:
-                    del self.workers[old]
-        return self.workers[worker]
+                started = start_ticks(worker)
+            except (OSError, IndexError, ValueError):
+                worker = 0
+        if worker:
+            if worker not in self._workers:
+                self._workers[worker] = self._client_of_worker(worker)
+                if len(self._workers) > 4096:  # forget the oldest workers
+                    for old in list(self._workers)[:1024]:
+                        del self._workers[old]
+            client = self._workers[worker]
+        return RunningBuild(event.drv, client, worker, started, outputs, event.time)
+
+    def _client_of_worker(self, worker: int) -> str:
+        try:
+            client = attribution.client_of_worker(worker, live_sessions(self.state_dir))
+        except OSError as e:  # sock_diag unavailable: builds stay unattributed
+            log.warning("cannot tell whose build worker %d serves: %s", worker, e)
+            client = None
+        return LOCAL if client is None else client
+
+    # -- builds, from the agent's loop -------------------------------------------
+
+    def _look_at_builds(self, now: float) -> None:
+        seen, self._seen = self._seen, []  # (look() holds the lock)
+        for event, build in seen:
+            if build is not None:
+                self.running[event.drv] = build
+                self.ledger.count(build.client, now, builds_started=1)
+            elif event.drv in self.running:
+                self._ended(self.running.pop(event.drv), event.time, now)
+        # A build whose worker is gone is over, even if its log's close went unseen.
+        for drv, build in list(self.running.items()):
+            if build.worker and not attribution.is_alive(build.worker, build.worker_started):
+                self._ended(self.running.pop(drv), now, now)
+        if self.running:
+            self._sample_cpu()
+
+    def _ended(self, build: RunningBuild, ended: float, now: float) -> None:
+        build.ended = ended
+        self.ledger.count(
+            build.client,
+            now,
+            build_seconds=max(0.0, ended - build.started),
+            cpu_seconds=build.cpu_ticks / self._tick,
+        )
+        self.pending.append(build)
+
+    def _sample_cpu(self) -> None:
+        """Each running build's CPU time so far, from its processes (matched by their outputs)."""
+        by_output = {o: b for b in self.running.values() for o in b.outputs}
+        seen = {}
+        for procs in attribution.scan_builds(self.build_uids).values():
+            key = (procs.top, procs.started)
+            drv = self._processes.get(key)
+            if drv is None:
+                try:
+                    _, outputs = attribution.derivation_of(attribution.read_environ(procs.top))
+                except OSError:
+                    continue
+                build = next((by_output[o] for o in outputs if o in by_output), None)
+                if build is None:
+                    continue
+                drv = build.drv
+            seen[key] = drv
+            if drv in self.running:
+                self.running[drv].cpu_ticks = max(self.running[drv].cpu_ticks, procs.cpu_ticks)
+        self._processes = seen
 
     def _settle(self, now: float) -> None:
         """Count each ended build as finished once its outputs are valid, or as failed."""
@@ -271,7 +407,7 @@ class Accountant:
         still = []
         for build in self.pending:
             waited = now - build.ended
-            if build.outputs and all(o in valid for o in build.outputs):
+            if all(o in valid for o in build.outputs):  # (no outputs known: its log closed, so done)
                 self.ledger.count(build.client, now, builds_finished=1)
             elif waited < FAILED_AFTER or (
                 waited < REGISTERING_FOR and any(os.path.lexists(o) for o in build.outputs)
@@ -298,43 +434,6 @@ class Accountant:
             return set()
         return {row[0] for row in rows}
 
-    # -- traffic ------------------------------------------------------------
-
-    def _look_at_traffic(self, now: float, sessions: dict[int, str]) -> None:
-        if not sessions and not self.connections:
-            return
-        try:
-            tcp = attribution.tcp_connections()
-        except OSError as e:
-            log.warning("cannot read TCP connections: %s", e)
-            return
-        clients: dict[int, str | None] = dict.fromkeys(tcp)
-        for inode, (client, _, _) in self.connections.items():
-            if inode in tcp:
-                clients[inode] = client
-        for pid, client in sessions.items():
-            found = attribution.connection_of(pid, tcp)
-            if found is not None:
-                clients[found] = client
-        seen: dict[int, tuple[str, int, int]] = {}
-        for inode, owner in clients.items():
-            if owner is None:
-                continue
-            client = owner
-            received, sent = tcp[inode]
-            _, was_received, was_sent = self.connections.get(inode, (client, 0, 0))
-            if inode not in self.connections and self._first_look:
-                was_received, was_sent = received, sent  # counted before the agent restarted
-            if received > was_received or sent > was_sent:
-                self.ledger.count(
-                    client,
-                    now,
-                    received_bytes=max(0, received - was_received),
-                    sent_bytes=max(0, sent - was_sent),
-                )
-            seen[inode] = (client, received, sent)
-        self.connections = seen
-
     # -- what snapshots show ------------------------------------------------------
 
     def _publish_running(self, now: float) -> None:
@@ -344,7 +443,7 @@ class Accountant:
             "running": [
                 {
                     "client": b.client,
-                    "name": b.name,
+                    "name": b.name[: attribution.MAX_NAME],
                     "started": round(b.started, 2),
                     "cpu_seconds": round(b.cpu_ticks / self._tick, 2),
                 }
@@ -383,7 +482,8 @@ def read_running(state_dir: str, fresh_for: float = 30.0) -> list[dict[str, Any]
 
 
 def report(state_dir: str, since: float | None, now: float | None = None) -> dict[str, Any]:
-    """This builder's accounts per client, all time or since `since`: what `nixfarm accounts` prints."""
+    """This builder's accounts per client, all time or since `since`, from the agent's record
+    (up to SAVE_EVERY seconds old): where the agent does not answer itself."""
     now = time.time() if now is None else now
     ledger = read_ledger(state_dir)
     return {

@@ -68,6 +68,12 @@ class Agent:
                 send({"event": "done", "result": result.as_dict()})
         elif command == "dry-run":
             send({"event": "done", "result": self.gc.dry_run(target)})
+        elif command == "accounts":
+            since = req.get("since")
+            if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
+                send({"event": "error", "message": "since must be a time (epoch seconds) or null"})
+            else:
+                send({"event": "done", "result": self.accounts.report(since)})
         else:
             send({"event": "error", "message": f"unknown command {command!r}"})
 
@@ -87,6 +93,7 @@ class Agent:
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
+        self.accounts.start()
         watchdog = watchdog_interval()
         # Sleep until the next thing is due (a check comes sooner below max-free),
         # and never longer than the watchdog allows between pings.
@@ -122,6 +129,7 @@ class Agent:
             if self._worker:
                 self._worker.join(timeout=60)
             self.usage.save()
+            self.accounts.stop()
             self._save_accounts(force=True)
             self.collector.close()
         notify("STOPPING=1")

@@ -13,14 +13,15 @@ what Nix and the kernel leave behind:
   sock_diag names the peer of a Unix socket;
 - the gateway recorded which client that process serves (sessions.py).
 
-Traffic is the SSH connection's own: the session's sshd holds the TCP socket,
-whose bytes received and sent (tcp_info) sock_diag reports.
+The connection a session runs over is the TCP socket its nearest sshd
+ancestor holds (traffic.py counts its bytes).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .metrics import AUTO_UID_START
@@ -162,25 +163,7 @@ def client_of_worker(worker: int, sessions: dict[int, str], proc: str = "/proc")
     return None
 
 
-def tcp_connections() -> dict[int, tuple[int, int]]:
-    """Every established TCP connection: socket inode -> (bytes received, bytes sent)."""
-    from pyroute2 import DiagSocket
-    from pyroute2.netlink.diag import SS_ESTABLISHED
-
-    info_extension = 1 << 1  # INET_DIAG_INFO - 1: ask for tcp_info
-    out = {}
-    with DiagSocket() as ds:
-        ds.bind()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for s in ds.get_sock_stats(family=family, states=1 << SS_ESTABLISHED, extensions=info_extension):
-                info = s.get_attr("INET_DIAG_INFO")
-                if info is not None and s["idiag_inode"]:
-                    # bytes_acked: sent and acknowledged (what reached the client).
-                    out[s["idiag_inode"]] = (info["tcpi_bytes_received"], info["tcpi_bytes_acked"])
-    return out
-
-
-def connection_of(pid: int, connections: dict[int, tuple[int, int]], proc: str = "/proc") -> int | None:
+def connection_of(pid: int, connections: Mapping[int, object], proc: str = "/proc") -> int | None:
     """The TCP connection (socket inode) a session runs over: held by its nearest sshd ancestor."""
     for _ in range(ANCESTORS):
         inodes = socket_inodes(pid, proc) & connections.keys()

@@ -400,10 +400,18 @@ def run_stream(
 
 def print_accounts(config: AgentConfig, since: float | None, viewer: str | None = None) -> int:
     """`nixfarm accounts`: this builder's per-client accounts as JSON (README "Accounts")."""
+    from . import control
     from .accounts import report
     from .privacy import report_for
 
-    data = report(config.state_dir, None if since is None else time.time() - since)
+    start = None if since is None else time.time() - since
+    try:  # the agent's live numbers; its record, a few seconds old, where it does not answer
+        answer = control.request(
+            control.socket_path(config.state_dir), {"command": "accounts", "since": start}, lambda _: None, 10
+        )
+        data = answer["result"] if answer.get("event") == "done" else report(config.state_dir, start)
+    except (control.AgentUnavailable, OSError, ValueError):
+        data = report(config.state_dir, start)
     if viewer is not None:
         data = report_for(data, viewer)
     print(json.dumps(data, sort_keys=True))

@@ -1,7 +1,8 @@
 """A small inotify reader (libc through ctypes: the standard library has none).
 
 Used to watch files other programs open, without opening them: the lock
-files of Nix's build hook on a client (passes.py).
+files of Nix's build hook on a client (passes.py), the build logs Nix writes
+on a builder (buildlog.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import errno
 import os
 import struct
 
+IN_CLOSE_WRITE = 0x00000008
 IN_OPEN = 0x00000020
+IN_CREATE = 0x00000100
+IN_ISDIR = 0x40000000
 IN_IGNORED = 0x00008000  # the watched file is gone (its watch with it)
 IN_Q_OVERFLOW = 0x00004000
 EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)
@@ -50,7 +54,11 @@ class Inotify:
 
     def read(self) -> list[tuple[int, int]]:
         """(wd, mask) of every event queued now; none if there are none."""
-        events: list[tuple[int, int]] = []
+        return [(wd, mask) for wd, mask, _ in self.read_named()]
+
+    def read_named(self) -> list[tuple[int, int, str]]:
+        """(wd, mask, name) of every event queued now; name is "" for the watched path itself."""
+        events: list[tuple[int, int, str]] = []
         while True:
             try:
                 data = os.read(self._fd, 65536)
@@ -63,5 +71,7 @@ class Inotify:
             offset = 0
             while offset + EVENT.size <= len(data):
                 wd, mask, _, length = EVENT.unpack_from(data, offset)
-                events.append((wd, mask))
-                offset += EVENT.size + length
+                start = offset + EVENT.size
+                name = data[start : start + length].split(b"\0", 1)[0].decode(errors="replace")
+                events.append((wd, mask, name))
+                offset = start + length
