@@ -4,11 +4,14 @@ the agent service telling whose each one is, what each key may read back."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from test_cli import nixfarm
 
 from conftest import Client
 from farm import Builder, Farm
@@ -98,3 +101,57 @@ def test_builds_cpu_and_traffic_are_accounted_per_client(farm: Farm, client: Cli
         for counter in ("builds_started", "builds_finished", "builds_failed", "cpu_seconds"):
             assert again[name][counter] == seen[name][counter], (name, counter)
     assert Path(b.root, "state", "accounts.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_usage_and_builds_add_up_the_farm_and_name_a_builder_that_does_not_answer(
+    farm: Farm, client: Client
+) -> None:
+    key = farm.add_client("alice")
+    farm.add_client("bob")
+    b1 = farm.add_builder("b1", clients={"alice": "build", "bob": "build"})
+    b2 = farm.add_builder("b2", clients={"alice": "build", "bob": "build"})
+    for b in (b1, b2):
+        farm.start_agent(b, "--interval", "1")
+    inventory = str(farm.write_inventory("alice", [b1, b2]))
+    for b in (b1, b2, b1):
+        assert client.build(b.machines_line(key, "ssh-ng")).returncode == 0
+
+    # While a build runs, `nixfarm builds` lists it, asked of the builders with alice's key.
+    slow = client.build_argv(b2.machines_line(key, "ssh-ng"), seconds=30)
+    with subprocess.Popen(
+        slow, env=client.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as build:
+        try:
+
+            def listed() -> list[Any]:
+                result = nixfarm("builds", "--inventory", inventory, "--json")
+                return list(json.loads(result.stdout)["builds"]) if result.returncode == 0 else []
+
+            wait_for("the running build is listed", lambda: bool(listed()), show=listed)
+            running = listed()
+            assert [(r["builder"], r["client"]) for r in running] == [("b2", "alice")]
+            assert running[0]["name"].startswith("nixfarm-test-") and running[0]["seconds"] >= 0
+        finally:
+            build.kill()
+
+    def usage(*args: str) -> dict[str, Any]:
+        result = nixfarm("usage", "--inventory", inventory, "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    wait_for("three builds finished", lambda: usage()["rows"][0]["builds_finished"] == 3, show=usage)
+    (alice,) = usage("--since", "1h")["rows"]
+    assert (alice["client"], alice["builds_started"]) == ("alice", 4)  # with the one killed
+    by_builder = {r["builder"]: r["builds_finished"] for r in usage("--by", "builder")["rows"]}
+    assert by_builder == {"b1": 2, "b2": 1}
+
+    # The table a person reads; then b2 goes down: named, with why, and exit 1.
+    table = nixfarm("usage", "--inventory", inventory)
+    assert table.returncode == 0 and "alice" in table.stdout and "farm usage by client" in table.stdout
+    farm.stop_builder(b2)
+    result = nixfarm("usage", "--inventory", inventory, "--json")
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert set(data["unavailable"]) == {"b2"} and "unreachable" in data["unavailable"]["b2"]
+    assert data["rows"][0]["builds_finished"] == 2
+    assert "nixfarm: b2: unreachable" in nixfarm("usage", "--inventory", inventory).stderr

@@ -357,8 +357,11 @@ class Accountant:
         seen, self._seen = self._seen, []  # (look() holds the lock)
         for event, build in seen:
             if build is not None:
-                self.running[event.drv] = build
                 self.ledger.count(build.client, now, builds_started=1)
+                if build.worker:
+                    self.running[event.drv] = build
+                else:  # over before we looked (or not a daemon's build): nothing to follow
+                    self._ended(build, event.time, now)
             elif event.drv in self.running:
                 self._ended(self.running.pop(event.drv), event.time, now)
         # A build whose worker is gone is over, even if its log's close went unseen.

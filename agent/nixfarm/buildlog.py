@@ -48,6 +48,7 @@ class BuildLogWatch:
         self._inotify = Inotify()
         self._dirs: dict[int, str] = {}  # watch -> the 2-character subdirectory
         self._top = -1  # the watch on log_dir itself, once it exists
+        self._waiting = -1  # until then, the watch on its nearest existing parent
 
     def fileno(self) -> int:
         return self._inotify.fileno()
@@ -60,15 +61,26 @@ class BuildLogWatch:
         return self._top >= 0
 
     def start(self) -> list[LogEvent]:
-        """Watch the log directory if it exists now; the builds that started just before."""
+        """Watch the log directory if it exists now, else its nearest parent for its coming;
+        the builds that started just before."""
         if self.watching:
             return []
         try:
             self._top = self._inotify.add_watch(self.log_dir, IN_CREATE)
             subdirs = sorted(os.listdir(self.log_dir))
-        except OSError:  # no build has run yet here, or logs are off
+        except OSError:  # no build has run on this machine yet: Nix makes it with the first
+            self._wait_for_log_dir()
             return []
         return [e for d in subdirs for e in self._watch_subdir(d)]
+
+    def _wait_for_log_dir(self) -> None:
+        parent = os.path.dirname(self.log_dir)
+        while parent != os.path.dirname(parent):
+            try:
+                self._waiting = self._inotify.add_watch(parent, IN_CREATE)
+                return
+            except OSError:
+                parent = os.path.dirname(parent)
 
     def read(self) -> list[LogEvent]:
         """The builds that started or ended since the last read."""
@@ -77,7 +89,9 @@ class BuildLogWatch:
         for wd, mask, name in self._inotify.read_named():
             if mask & IN_Q_OVERFLOW:
                 continue  # events were lost; the ones after still count
-            if wd == self._top:
+            if wd == self._waiting and not self.watching:
+                events += self.start()  # a directory on the way to log_dir was made
+            elif wd == self._top:
                 if mask & IN_CREATE and mask & IN_ISDIR:
                     events += self._watch_subdir(name)
             elif wd in self._dirs and name.endswith((".drv", ".drv.bz2")):

@@ -66,6 +66,15 @@ def _interval(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    from .config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand."""
     parser = _Parser(
@@ -247,11 +256,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
+        "accounts",
+        help="this builder's per-client accounts (JSON)",
+        allow_abbrev=False,
+        description="Print this builder's accounts per client as JSON: builds started, finished and "
+        "failed, build and CPU seconds, bytes received and sent (README 'Accounts'). Over SSH a "
+        "metrics-role key sees other clients only as '(others)'.",
+    )
+    p.add_argument(
+        "--since", type=_duration, metavar="DURATION", help="only the last 90m, 12h, 7d ... (to the hour)"
+    )
+    p.add_argument("--json", action="store_true", help="JSON (always; accepted for symmetry)")
+
+    p = sub.add_parser(
+        "builds",
+        help="every build running on the farm",
+        allow_abbrev=False,
+        description="List the builds running on every builder: builder, client, derivation, how long "
+        "it has run, CPU time. By default from the dispatcher's status (any user of a client); with "
+        "--inventory, asked of each builder over SSH with that inventory's key.",
+    )
+    p.add_argument("--machines", default=None, metavar="PATH", help="the dispatcher's machines file")
+    p.add_argument("--inventory", default=None, metavar="FILE", help="ask the builders of this inventory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "usage",
+        help="the farm's totals per client or builder",
+        allow_abbrev=False,
+        description="Ask every builder of the inventory for its accounts and add them up: builds "
+        "started, finished, failed, build time, CPU time, bytes received and sent. Needs the "
+        "inventory's key (root on a client, or an admin's own inventory). Exit 1 if a builder "
+        "did not answer (the others are still shown).",
+    )
+    p.add_argument(
+        "--inventory",
+        default="/etc/nixfarm/inventory.json",
+        metavar="FILE",
+        help="the farm inventory (default /etc/nixfarm/inventory.json)",
+    )
+    p.add_argument(
+        "--since", type=_duration, metavar="DURATION", help="only the last 90m, 12h, 7d ... (to the hour)"
+    )
+    p.add_argument(
+        "--by", choices=("client", "builder"), default="client", help="rows per client (default) or builder"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
         "agent",
         help="the builder service (sd_notify, watchdog)",
         allow_abbrev=False,
         description="Run the builder agent: readiness and watchdog for systemd, a status line, "
-        "store GC between min-free and max-free, and a record of the builds that ended, for streams.",
+        "store GC between min-free and max-free, a record of the builds that ended, for streams, "
+        "per-client accounts, and Prometheus metrics over HTTP where prometheus_listen is set.",
     )
     p.add_argument(
         "--interval",
@@ -539,7 +597,18 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(args.inventory, args.json)
+        if args.command == "builds":
+            from .farmview import run_builds
+            from .status import DEFAULT_MACHINES
+
+            return run_builds(args.machines or DEFAULT_MACHINES, args.inventory, args.json)
+        if args.command == "usage":
+            from .farmview import run_usage
+
+            return run_usage(args.inventory, args.since, args.by, args.json)
         config = load_config(args.config)
+        if args.command == "accounts":
+            return print_accounts(config, args.since)
         if args.command == "metrics":
             return print_metrics(config, args.format)
         if args.command == "stream":

@@ -50,7 +50,7 @@ import asyncssh
 from . import nixproto
 from .dispatch import BadSnapshot, validate
 from .inventory import Builder, Inventory, load_inventory
-from .sshconn import connect_options, pinned_known_hosts
+from .sshconn import MAX_STDERR, connect_options, pinned_known_hosts, read_bounded, run_for_line
 
 DEFAULT_INVENTORY = "/etc/nixfarm/inventory.json"
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -70,7 +70,6 @@ CHECKS = (
     "clock",
 )
 MAX_SNAPSHOT = 1 << 20
-MAX_STDERR = 8192
 MAX_KEY_FILE = 64 << 10
 CLOCK_WARN, CLOCK_FAIL = 5.0, 60.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -284,68 +283,6 @@ def _describe(e: BaseException) -> str:
         return os.strerror(e.errno).lower()
     text = str(e).strip() or type(e).__name__
     return _clean(text.splitlines()[0])
-
-
-async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes until end of file; True if there was more."""
-    data = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            return data, False
-        data += chunk
-        if len(data) > limit:
-            return data[:limit], True
-
-
-async def _read_line(stream: asyncssh.SSHReader[bytes], limit: int) -> tuple[bytes, str]:
-    """The first line, up to `limit` bytes: (data, "line" | "eof" | "too long")."""
-    data = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            return data, "eof"
-        data += chunk
-        if b"\n" in data[:limit]:
-            return data.split(b"\n", 1)[0], "line"
-        if len(data) > limit:
-            return data[:limit], "too long"
-
-
-class Answer:
-    """What a command run through the gateway answered, read with bounds."""
-
-    def __init__(self, line: bytes, how: str, status: int | None, stderr: bytes) -> None:
-        self.line = line  # the first line of stdout
-        self.how = how  # "line" | "eof" | "too long"
-        self.status = status  # exit status if it ended without a line; else None
-        self.stderr = stderr
-
-
-async def run_for_line(
-    conn: asyncssh.SSHClientConnection, command: str, limit: int, timeout: float
-) -> Answer:
-    """Run `command` through the gateway and take its first line of output.
-
-    Returns once a line is there (a hostile builder may keep the session
-    open after it); without one, waits for the exit status and stderr.
-    """
-
-    async def session() -> Answer:
-        proc = await conn.create_process(command, encoding=None)
-        try:
-            proc.stdin.write_eof()
-            line, how = await _read_line(proc.stdout, limit)
-            if how != "eof":
-                return Answer(line, how, None, b"")
-            err, _ = await _read_bounded(proc.stderr, MAX_STDERR)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait_closed(), 5)
-            return Answer(line, how, proc.exit_status, err)
-        finally:
-            proc.close()
-
-    return await asyncio.wait_for(session(), timeout)
 
 
 class BuilderDoctor:
@@ -752,7 +689,7 @@ class BuilderDoctor:
         with contextlib.suppress(OSError, asyncssh.Error):
             proc.stdin.write_eof()
         try:
-            err, _ = await asyncio.wait_for(_read_bounded(proc.stderr, MAX_STDERR), 3)
+            err, _ = await asyncio.wait_for(read_bounded(proc.stderr, MAX_STDERR), 3)
         except (TimeoutError, asyncssh.Error, OSError):
             err = b""
         text = _last_line(err) if err else ""
