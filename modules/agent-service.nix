@@ -12,6 +12,7 @@
   package,
   nixPackage,
   agentInterval,
+  serveHttp,
   configFile,
   restartTriggers,
 }:
@@ -63,13 +64,21 @@
 
     # Root with three capabilities, nothing else:
     # - CAP_SYS_PTRACE: GC ranks store paths by when builds last used them,
-    #   sampled from the build users' /proc/PID/{environ,maps,exe,cwd}; the
-    #   kernel lets only ptrace-read access open those (proc(5)).
+    #   sampled from the build users' /proc/PID/{environ,maps,exe,cwd}; and
+    #   the per-client accounts read which sockets nix-daemon's workers and
+    #   the sessions' sshd hold (/proc/PID/fd). The kernel lets only
+    #   ptrace-read access open those (proc(5)).
     # - CAP_DAC_READ_SEARCH: /proc/PID/environ is also mode 0400, owned by the
     #   build user, so root needs to bypass read permission for it (maps, exe
     #   and cwd need only the ptrace check).
     # - CAP_CHOWN: the control socket is chowned to root:control_group, a
     #   group root is not a member of (chown(2)).
+    # Not CAP_NET_ADMIN, though sock_diag tells only such a listener the last
+    # bytes of each TCP connection the kernel destroys (traffic.py): with
+    # AF_NETLINK it could reconfigure the network. The last second of each
+    # client connection goes uncounted instead; with connection sharing (the
+    # client default) a connection outlives its builds by a minute, so that
+    # is its closing handshake.
     # The Nix database, temp roots and nix.conf are root's own files; nix-daemon
     # and D-Bus are reached over sockets.
     CapabilityBoundingSet = [
@@ -97,10 +106,16 @@
     # Not ProtectProc=invisible: counting builds means seeing nix-daemon's and
     # the build users' processes.
     # Not PrivateNetwork: the metrics read the real interfaces' rx/tx.
-    # AF_NETLINK: pyroute2 (interface counters); AF_UNIX: nix-daemon, D-Bus, journal.
+    # AF_NETLINK: pyroute2 (interface counters, sock_diag for the clients'
+    # connections); AF_UNIX: nix-daemon, D-Bus, journal; AF_INET(6) only for
+    # the Prometheus endpoint.
     RestrictAddressFamilies = [
       "AF_UNIX"
       "AF_NETLINK"
+    ]
+    ++ lib.optionals serveHttp [
+      "AF_INET"
+      "AF_INET6"
     ];
     RestrictNamespaces = true;
     RestrictRealtime = true;

@@ -27,6 +27,13 @@ let
   jsonFormat = pkgs.formats.json { };
   agentConfigFile = jsonFormat.generate "nixfarm-agent.json" cfg.settings;
 
+  # IPv6 addresses go in brackets before the port.
+  listenHost =
+    let
+      a = cfg.prometheus.listenAddress;
+    in
+    if lib.hasInfix ":" a then "[${a}]" else a;
+
   size = types.either types.ints.unsigned (types.strMatching "[0-9]+[KMGT]?");
   # systemd.resource-control(5): bytes with K/M/G/T, a percentage of RAM, or "infinity".
   memoryLimit = types.nullOr (types.strMatching "[0-9]+[KMGT]?|[0-9]+(\\.[0-9]+)?%|infinity");
@@ -176,6 +183,40 @@ in
       '';
     };
 
+    shareClientNames = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether metrics-role keys see other clients' names: in snapshots
+        (running builds, sessions, demand) and in `nixfarm accounts`.
+        Otherwise such a key sees its own name and `(others)`. Build and admin
+        keys always see the names.
+      '';
+    };
+
+    prometheus = {
+      enable = mkEnableOption "the agent's Prometheus endpoint (`/metrics` over HTTP, per-client counters included)";
+      listenAddress = mkOption {
+        type = types.str;
+        default = "0.0.0.0";
+        example = "127.0.0.1";
+        description = "Address the endpoint listens on. `::` for every IPv6 and IPv4 address.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 9716;
+        description = "Port of the endpoint.";
+      };
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Open {option}`port` in the firewall. Every client's name is in the
+          counters' labels: open it only to your monitoring network.
+        '';
+      };
+    };
+
     settings = mkOption {
       type = types.submodule {
         freeformType = jsonFormat.type;
@@ -197,6 +238,18 @@ in
             default = [ ];
             example = [ "eth0" ];
             description = "Interfaces whose traffic the metrics count; empty: all but loopback.";
+          };
+          share_client_names = mkOption {
+            type = types.bool;
+            default = cfg.shareClientNames;
+            defaultText = literalExpression "config.services.nixfarm.builder.shareClientNames";
+            description = "See {option}`services.nixfarm.builder.shareClientNames`.";
+          };
+          prometheus_listen = mkOption {
+            type = types.str;
+            default = lib.optionalString cfg.prometheus.enable "${listenHost}:${toString cfg.prometheus.port}";
+            defaultText = literalExpression ''"''${listenAddress}:''${toString port}" when services.nixfarm.builder.prometheus.enable, else ""'';
+            description = "Where the agent serves Prometheus metrics (`ADDRESS:PORT`); `\"\"`: nowhere.";
           };
           control_group = mkOption {
             type = types.str;
@@ -328,9 +381,14 @@ in
         PermitUserRC no
     '';
 
+    networking.firewall.allowedTCPPorts = mkIf (cfg.prometheus.enable && cfg.prometheus.openFirewall) [
+      cfg.prometheus.port
+    ];
+
     systemd.services.nixfarm-agent = import ./agent-service.nix {
       inherit lib;
       inherit (cfg) package agentInterval;
+      serveHttp = cfg.settings.prometheus_listen != "";
       nixPackage = config.nix.package;
       configFile = "/etc/nixfarm/agent.json";
       restartTriggers = [ agentConfigFile ];

@@ -8,6 +8,26 @@ NIXFARM_APT_PACKAGES=(
   debootstrap                                           # the systemd host tests
 )
 
+# promtool (the Prometheus exposition checker) from Debian's prometheus package,
+# unpacked rather than installed: installing it would start a Prometheus server.
+NIXFARM_PROMTOOL_DIR=/var/cache/nixfarm-test/promtool
+
+nixfarm_promtool() {
+  [ -x "$NIXFARM_PROMTOOL_DIR/usr/bin/promtool" ] && return 0
+  local tmp
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && { apt-get download -qq prometheus 2>/dev/null ||
+    { apt-get update -qq && apt-get download -qq prometheus; }; }) >/dev/null; then
+    rm -rf "$tmp"
+    echo "nixfarm: could not download Debian's prometheus package (for promtool)" >&2
+    exit 1
+  fi
+  mkdir -p "$NIXFARM_PROMTOOL_DIR.new"
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$NIXFARM_PROMTOOL_DIR.new"
+  rm -rf "$tmp" "$NIXFARM_PROMTOOL_DIR"
+  mv "$NIXFARM_PROMTOOL_DIR.new" "$NIXFARM_PROMTOOL_DIR"
+}
+
 nixfarm_bootstrap() {
   if [ "$(id -u)" != 0 ]; then
     echo "nixfarm tests: run as root (they create network namespaces, mounts and users)" >&2

@@ -7,10 +7,13 @@ import json
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_cli import nixfarm
 
 from conftest import Client
@@ -155,3 +158,35 @@ def test_usage_and_builds_add_up_the_farm_and_name_a_builder_that_does_not_answe
     assert set(data["unavailable"]) == {"b2"} and "unreachable" in data["unavailable"]["b2"]
     assert data["rows"][0]["builds_finished"] == 2
     assert "nixfarm: b2: unreachable" in nixfarm("usage", "--inventory", inventory).stderr
+
+
+PROMTOOL = "/var/cache/nixfarm-test/promtool/usr/bin/promtool"  # tests/run unpacks it
+
+
+def test_the_agent_serves_prometheus_metrics_with_per_client_counters(farm: Farm, client: Client) -> None:
+    key = farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"}, agent_config={"prometheus_listen": "0.0.0.0:9716"})
+    farm.start_agent(b, "--interval", "1")
+    assert client.build(b.machines_line(key, "ssh-ng")).returncode == 0
+    url = f"http://{b.address}:9716/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return str(response.read().decode())
+
+    wait_for(
+        "alice's build is counted",
+        lambda: 'nixfarm_client_builds_finished_total{client="alice"} 1' in scrape(),
+    )
+    text = scrape()
+    check = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'nixfarm_client_builds_started_total{client="alice"} 1' in text
+    assert "# TYPE nixfarm_client_sent_bytes_total counter" in text
+    assert "nixfarm_store_free_bytes " in text
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://{b.address}:9716/nope", timeout=10)
+    assert missing.value.code == 404

@@ -187,15 +187,29 @@ def test_builder_agent_config_has_only_agent_keys(facts: dict[str, Any]) -> None
         "gc_check_interval",
         "usage_sample_interval",
         "control_group",
+        "share_client_names",
+        "prometheus_listen",
     }
     settings = facts["builder"]["agentSettings"]
     assert set(settings) <= known
+    # Off by default: no other client's names for metrics keys, no HTTP endpoint.
+    assert settings["share_client_names"] is False and settings["prometheus_listen"] == ""
+    assert "AF_INET" not in facts["builder"]["agent"]["serviceConfig"]["RestrictAddressFamilies"]
     assert settings["state_dir"] == "/var/lib/nixfarm"
     # Admin keys reach the agent's control socket as the builder user.
     assert settings["control_group"] == facts["builder"]["user"]["group"] == "nixfarm"
     # min-free / max-free stay in nix.conf only; the agent reads them there.
     assert "min_free" not in settings and "max_free" not in settings
     assert settings["nix_bin_dir"].startswith("/nix/store/") and settings["nix_bin_dir"].endswith("/bin")
+
+
+def test_builder_prometheus_endpoint(facts: dict[str, Any]) -> None:
+    endpoint = facts["prometheus"]
+    assert endpoint["failedAssertions"] == []
+    assert endpoint["settings"]["prometheus_listen"] == "[::]:9100"  # IPv6 in brackets
+    assert endpoint["settings"]["share_client_names"] is True
+    assert 9100 in endpoint["firewall"]  # (beside sshd's 22)
+    assert {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"} == set(endpoint["addressFamilies"])
 
 
 # client ----------------------------------------------------------------------

@@ -17,10 +17,12 @@ from typing import Any
 
 from . import control, demand, logs, sessions
 from .accounts import Accountant
-from .config import AgentConfig
+from .config import AgentConfig, split_listen
+from .exporter import Exporter
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
 from .metrics import Collector, read_store_fs
 from .notify import notify, watchdog_interval
+from .prometheus import render
 from .usage import UsageRecords, paths_in_use
 
 BACKOFF_FIRST = 5.0
@@ -94,6 +96,7 @@ class Agent:
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
         self.accounts.start()
+        exporter = self._start_exporter()
         watchdog = watchdog_interval()
         # Sleep until the next thing is due (a check comes sooner below max-free),
         # and never longer than the watchdog allows between pings.
@@ -125,6 +128,8 @@ class Agent:
                 time.sleep(min(longest_sleep, max(0.01, min(due.values()) - time.monotonic())))
         finally:
             server.close()
+            if exporter:
+                exporter.close()
             self.gc.stop_requested = True
             if self._worker:
                 self._worker.join(timeout=60)
@@ -165,6 +170,30 @@ class Agent:
             except OSError as e:  # streams then go by what they saw themselves
                 self.log.warning("cannot record finished builds in %s: %s", self.config.state_dir, e)
         return self.config.usage_sample_interval
+
+    def _start_exporter(self) -> Exporter | None:
+        """The Prometheus endpoint, where prometheus_listen asks for one.
+
+        A port that cannot be had is logged, not fatal: the store GC matters more.
+        """
+        if not self.config.prometheus_listen:
+            return None
+        host, port = split_listen(self.config.prometheus_listen)
+        scrapes = Collector(self.config)  # its own: scrapes come from another thread
+        lock = threading.Lock()
+
+        def text() -> str:
+            with lock:
+                snapshot = scrapes.snapshot()
+            return render(snapshot, self.accounts.report(None)["clients"])
+
+        try:
+            exporter = Exporter(host, port, text)
+        except OSError as e:
+            self.log.error("no Prometheus endpoint on %s: %s", self.config.prometheus_listen, e.strerror)
+            return None
+        self.log.info("Prometheus metrics at http://%s/metrics", self.config.prometheus_listen)
+        return exporter
 
     def _save_accounts(self, force: bool) -> None:
         try:

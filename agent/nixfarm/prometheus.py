@@ -45,8 +45,20 @@ class _Writer:
         self.metric(name, "gauge", help_text, [({}, value)] if value is not None else [])
 
 
-def render(snap: dict[str, Any]) -> str:
-    """The snapshot as Prometheus text; ends with a newline."""
+# Per-client counters (accounts.py): the counter, its metric name and help.
+CLIENT_COUNTERS = (
+    ("builds_started", "client_builds_started_total", "Builds started for each client."),
+    ("builds_finished", "client_builds_finished_total", "Builds finished with valid outputs, per client."),
+    ("builds_failed", "client_builds_failed_total", "Builds that failed, per client."),
+    ("build_seconds", "client_build_seconds_total", "Wall-clock seconds of each client's ended builds."),
+    ("cpu_seconds", "client_cpu_seconds_total", "CPU seconds of each client's ended builds (sampled)."),
+    ("received_bytes", "client_received_bytes_total", "Bytes received on each client's SSH connections."),
+    ("sent_bytes", "client_sent_bytes_total", "Bytes sent on each client's SSH connections."),
+)
+
+
+def render(snap: dict[str, Any], accounts: dict[str, dict[str, float]] | None = None) -> str:
+    """The snapshot (and, if given, the per-client accounts) as Prometheus text; ends with a newline."""
     w = _Writer()
     info = {
         "hostname": snap["hostname"],
@@ -136,4 +148,20 @@ def render(snap: dict[str, Any]) -> str:
     w.gauge("gc_last_run_timestamp_seconds", "When the last GC pass ended (Unix time).", gc["last_run"])
     w.gauge("gc_last_freed_bytes", "Bytes freed by the last GC pass.", gc["bytes_freed"])
     w.gauge("gc_last_duration_seconds", "Duration of the last GC pass.", gc["duration_seconds"])
+    running: dict[str, int] = {}
+    for build in snap["builds"].get("running") or []:
+        running[build["client"]] = running.get(build["client"], 0) + 1
+    w.metric(
+        "client_running_builds",
+        "gauge",
+        "Builds running now, per client.",
+        [({"client": _client(c)}, n) for c, n in sorted(running.items())],
+    )
+    for counter, name, help_text in CLIENT_COUNTERS:
+        samples = [({"client": _client(c)}, n.get(counter, 0)) for c, n in sorted((accounts or {}).items())]
+        w.metric(name, "counter", help_text, samples)
     return "\n".join(w.lines) + "\n"
+
+
+def _client(name: str) -> str:
+    return name or "(local)"  # builds no gateway session started

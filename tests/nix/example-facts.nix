@@ -86,6 +86,30 @@ in
     inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
   };
 
+  # The Prometheus endpoint on, on every address, open in the firewall.
+  prometheus =
+    let
+      c = machine "builder" "big" [
+        {
+          services.nixfarm.builder = {
+            prometheus = {
+              enable = true;
+              listenAddress = "::";
+              port = 9100;
+              openFirewall = true;
+            };
+            shareClientNames = true;
+          };
+        }
+      ];
+    in
+    {
+      failedAssertions = failed c;
+      settings = c.services.nixfarm.builder.settings;
+      firewall = c.networking.firewall.allowedTCPPorts;
+      addressFamilies = c.systemd.services.nixfarm-agent.serviceConfig.RestrictAddressFamilies;
+    };
+
   # A feature both supported and mandatory: nixpkgs writes the line from
   # nix.buildMachines, our dispatcher from machinesLine; they must agree.
   overlap =
