@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,3 +277,47 @@ def test_real_snapshot_sections_have_the_expected_shape(tmp_path: Path) -> None:
     assert value(fams, "nixfarm_max_jobs") == 1
     assert value(fams, "nixfarm_max_free_bytes") == math.inf
     assert value(fams, "nixfarm_store_free_bytes") == snap["store"]["free_bytes"]
+
+
+ACCOUNTS = {
+    "alice": {"builds_started": 3, "builds_finished": 2, "builds_failed": 1, "build_seconds": 12.5,
+              "cpu_seconds": 30.25, "received_bytes": 1000, "sent_bytes": 5000},
+    "": {"builds_started": 1, "builds_finished": 1, "builds_failed": 0, "build_seconds": 1.0,
+         "cpu_seconds": 0.5, "received_bytes": 0, "sent_bytes": 0},
+}  # fmt: skip
+PROMTOOL = "/var/cache/nixfarm-test/promtool/usr/bin/promtool"  # tests/run unpacks it
+
+
+def with_running_builds(snapshot: dict[str, Any]) -> dict[str, Any]:
+    running = [{"client": "alice", "name": "a", "seconds": 3.0, "cpu_seconds": 1.0}] * 2
+    return {**snapshot, "builds": {**snapshot["builds"], "running": running}}
+
+
+def test_per_client_counters_carry_the_client_label(snapshot: dict[str, Any]) -> None:
+    fams = families(render(with_running_builds(snapshot), ACCOUNTS))
+    started = {s.labels["client"]: s.value for s in fams["nixfarm_client_builds_started"].samples}
+    assert started == {"alice": 3, "(local)": 1}  # the builder's own builds
+    assert fams["nixfarm_client_builds_started"].type == "counter"
+    cpu = {s.labels["client"]: s.value for s in fams["nixfarm_client_cpu_seconds"].samples}
+    assert cpu["alice"] == 30.25
+    (running,) = fams["nixfarm_client_running_builds"].samples
+    assert (running.labels, running.value) == ({"client": "alice"}, 2)
+
+
+def test_promtool_accepts_the_exposition(snapshot: dict[str, Any]) -> None:
+    for text in (render(snapshot), render(with_running_builds(snapshot), ACCOUNTS)):
+        check = subprocess.run(
+            [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_agent_exports(snapshot: dict[str, Any]) -> None:
+    dashboard = json.loads((Path(__file__).parent.parent / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {name for e in exprs for name in re.findall(r"\bnixfarm_[a-z0-9_]+", e)}
+    exported = set(
+        re.findall(r"^# TYPE (\S+)", render(with_running_builds(snapshot), ACCOUNTS), re.MULTILINE)
+    )
+    assert len(wanted) >= 10
+    assert wanted <= exported, wanted - exported
