@@ -177,6 +177,13 @@ def metrics(client: Machine, host: str, key: str = CLIENT_KEY) -> dict[str, Any]
     return dict(snap)
 
 
+def accounts(client: Machine, host: str, key: str = CLIENT_KEY) -> dict[str, Any]:
+    """`host`'s per-client accounts (nixfarm accounts), read through its gateway with `key`."""
+    report = json_of(ssh(client, host, "nixfarm accounts --json", key), f"{host}'s accounts")
+    check(isinstance(report, dict) and isinstance(report.get("clients"), dict), f"{host}: {report}")
+    return dict(report["clients"])
+
+
 def gc_status(client: Machine, host: str) -> dict[str, Any]:
     """`nixfarm gc --status --json` of `host` (any role may read it): state and history."""
     status = json_of(ssh(client, host, "nixfarm gc --status --json"), f"{host}'s GC status")

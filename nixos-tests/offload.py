@@ -78,3 +78,20 @@ with subtest("nix-daemon's ssh kept the build's connection open, and the next bu
         seen[on] = logins(by_name[on])
     else:
         raise AssertionError(f"three builds and no builder got two: {sorted(seen)}")
+
+
+with subtest("the builders account the builds to the client; usage adds them up; Prometheus sees them"):
+    # Under the hardened agent unit: build logs, temp roots, sockets of workers and sshd.
+    def finished_on(host: str) -> float:
+        return float(accounts(client, host).get("client", {}).get("builds_finished", 0))
+
+    eventually("the builds are accounted", lambda: finished_on("builder1") + finished_on("builder2") >= 3)
+    for host in ("builder1", "builder2"):
+        # The monitor key (role metrics) sees the numbers, not whose they are.
+        check(set(accounts(client, host, MONITOR_KEY)) <= {"(others)", "monitor"}, f"{host}: names shown")
+    usage = json_of(client.succeed("nixfarm usage --json"), "nixfarm usage")
+    check(usage["unavailable"] == {}, f"builders did not answer: {usage['unavailable']}")
+    (row,) = [r for r in usage["rows"] if r["client"] == "client"]
+    check(row["builds_finished"] >= 3 and row["sent_bytes"] > 0, f"usage of the client: {row}")
+    scrape = client.succeed("curl --fail --silent --max-time 10 http://builder1:9716/metrics")
+    check('nixfarm_client_builds_started_total{client="client"}' in scrape, "no per-client counter")
