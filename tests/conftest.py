@@ -80,6 +80,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "needs_nixpkgs: evaluates the NixOS modules; needs env NIXPKGS pointing at a nixpkgs tree",
     )
+    # asyncssh's own import (DSA, deprecated by cryptography): nixfarm silences it the same
+    # way (nixfarm/__init__.py), but a test may import asyncssh first.
+    config.addinivalue_line("filterwarnings", "ignore:DSA is deprecated:UserWarning")
 
 
 def _ci_skips(config: pytest.Config) -> int:
