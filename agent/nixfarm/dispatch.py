@@ -147,7 +147,25 @@ def validate(line: bytes) -> dict[str, Any]:
     pairs = all(isinstance(p, list) and len(p) == 2 for p in finished)
     if not pairs or not all(_seconds(t) for t in [*ages, *(t for p in finished for t in p)]):
         raise BadSnapshot("builds.finished must hold [seconds ago, seconds it ran] pairs of numbers >= 0")
+    _check_running(snap["builds"].get("running", []))
     return snap
+
+
+def _check_running(running: Any) -> None:
+    """builds.running: what `nixfarm builds` shows of each running build (accounts.py)."""
+    if not isinstance(running, list) or len(running) > MAX_BUILDS:
+        raise BadSnapshot(f"builds.running must be a list of at most {MAX_BUILDS} builds")
+    for build in running:
+        if not (
+            isinstance(build, dict)
+            and isinstance(build.get("client"), str)
+            and len(build["client"]) <= 64
+            and isinstance(build.get("name"), str)
+            and len(build["name"]) <= 200
+            and _seconds(build.get("seconds"))
+            and _seconds(build.get("cpu_seconds"))
+        ):
+            raise BadSnapshot("builds.running must hold {client, name, seconds, cpu_seconds} of each build")
 
 
 def _seconds(value: Any) -> bool:

@@ -19,11 +19,13 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .inventory import Builder, Inventory, load_inventory
 from .privacy import OTHERS
 
+MAX_CLIENTS = 4097  # accounts.MAX_CLIENTS, and "(others)"
 MAX_ANSWER = 16 << 20  # bytes of one builder's JSON line
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0
@@ -46,8 +48,36 @@ def client_label(name: str) -> str:
 # -- asking the builders ----------------------------------------------------------
 
 
-async def _ask(inventory: Inventory, builder: Builder, command: str) -> dict[str, Any] | str:
-    """One builder's JSON answer to `command`, or why there is none."""
+Check = Callable[[bytes], dict[str, Any]]  # a builder's answer, decoded and checked, or ValueError
+
+
+def check_report(line: bytes) -> dict[str, Any]:
+    """`nixfarm accounts` as a builder answered it: per client, counters; ValueError if not."""
+    report = json.loads(line)
+    clients = report.get("clients") if isinstance(report, dict) else None
+    if not isinstance(clients, dict) or len(clients) > MAX_CLIENTS:
+        raise ValueError(f"not an accounts report (at most {MAX_CLIENTS} clients)")
+    for name, counts in clients.items():
+        if len(name) > 64 or not isinstance(counts, dict):
+            raise ValueError("an accounts report names clients (at most 64 characters) with their counters")
+        for counter, _ in USAGE_COLUMNS:
+            value = counts.get(counter, 0)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1e18:
+                raise ValueError(f"{counter} of {name!r} is not a count")
+    return dict(report)
+
+
+def check_snapshot(line: bytes) -> dict[str, Any]:
+    from .dispatch import BadSnapshot, validate
+
+    try:
+        return validate(line)
+    except BadSnapshot as e:
+        raise ValueError(str(e)) from None
+
+
+async def _ask(inventory: Inventory, builder: Builder, command: str, check: Check) -> dict[str, Any] | str:
+    """One builder's answer to `command`, decoded and checked, or why there is none."""
     import asyncssh
 
     from .sshconn import connect_options, run_for_line
@@ -64,18 +94,17 @@ async def _ask(inventory: Inventory, builder: Builder, command: str) -> dict[str
         text = answer.stderr.decode(errors="replace").strip().splitlines()
         return f"no answer (exit {answer.status}): {text[-1] if text else 'nothing on stderr'}"
     try:
-        data = json.loads(answer.line)
-    except ValueError:
-        return "its answer is not JSON"
-    return data if isinstance(data, dict) else "its answer is not a JSON object"
+        return check(answer.line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        return f"a bad answer: {e}"
 
 
-def ask_builders(inventory: Inventory, command: str) -> dict[str, dict[str, Any] | str]:
-    """Every builder's answer, asked at once: name -> JSON object, or why there is none."""
+def ask_builders(inventory: Inventory, command: str, check: Check) -> dict[str, dict[str, Any] | str]:
+    """Every builder's answer, asked at once: name -> its checked answer, or why there is none."""
     logging.getLogger("asyncssh").setLevel(logging.CRITICAL)  # failures are ours to report
 
     async def all_of_them() -> list[dict[str, Any] | str]:
-        return list(await asyncio.gather(*(_ask(inventory, b, command) for b in inventory.builders)))
+        return list(await asyncio.gather(*(_ask(inventory, b, command, check) for b in inventory.builders)))
 
     answers = asyncio.run(all_of_them())
     return {b.name: a for b, a in zip(inventory.builders, answers, strict=True)}
@@ -121,7 +150,8 @@ def _split(answers: dict[str, dict[str, Any] | str]) -> tuple[dict[str, dict[str
 def run_builds(machines: str, inventory_path: str | None, as_json: bool) -> int:
     """`nixfarm builds`: 0, or 1 if a builder could not be asked."""
     if inventory_path:
-        snapshots, problems = _split(ask_builders(load_inventory(inventory_path), "nixfarm metrics --json"))
+        inventory = load_inventory(inventory_path)
+        snapshots, problems = _split(ask_builders(inventory, "nixfarm metrics --json", check_snapshot))
     else:
         snapshots, problems = _snapshots_from_status(machines)
     rows = running_rows(snapshots)
@@ -165,7 +195,7 @@ def usage_rows(reports: dict[str, dict[str, Any]], by: str) -> list[dict[str, An
 def run_usage(inventory_path: str, since: float | None, by: str, as_json: bool) -> int:
     """`nixfarm usage`: 0, or 1 if a builder could not be asked."""
     command = "nixfarm accounts" + ("" if since is None else f" --since {int(since)}")
-    reports, problems = _split(ask_builders(load_inventory(inventory_path), command))
+    reports, problems = _split(ask_builders(load_inventory(inventory_path), command, check_report))
     rows = usage_rows(reports, by)
     if as_json:
         print(
