@@ -24,10 +24,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .metrics import AUTO_UID_START
 from .sessions import start_ticks
 
 TEMPROOTS = "/nix/var/nix/temproots"
+# Nix's auto-allocate-uids hands each build a block of 2^16 UIDs from this start.
+AUTO_UID_START = 872415232
+AUTO_UID_BLOCK = 1 << 16
 MAX_ENVIRON = 1 << 20
 MAX_TEMPROOTS = 1 << 22  # bytes read per worker's temp roots file
 MAX_NAME = 200  # characters kept of a derivation name
@@ -64,7 +66,7 @@ def scan_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int, Bu
                 if uid in build_uids:
                     key = uid
                 elif uid >= AUTO_UID_START:
-                    key = -1 - (uid - AUTO_UID_START) // (1 << 16)
+                    key = -1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK
                 else:
                     continue
                 started, cpu = _stat(entry.name, proc)

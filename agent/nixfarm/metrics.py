@@ -23,15 +23,13 @@ from typing import Any
 
 from . import cgroups, version
 from .atomic import write_atomic
+from .attribution import scan_builds
 from .config import AgentConfig
 from .demand import read_demand
 from .errors import EnvironmentProblem
 from .nixconf import NixSettings, load_nix_settings
 
 SCHEMA = 1
-# Nix's auto-allocate-uids hands each build a block of 2^16 UIDs from this start.
-AUTO_UID_START = 872415232
-AUTO_UID_BLOCK = 1 << 16
 
 
 def read_loadavg() -> dict[str, float]:
@@ -118,26 +116,7 @@ def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int,
     boot, /proc/PID/stat field 22) tells a build from the next one that
     reuses its build user.
     """
-    builds: dict[int, int] = {}
-    with os.scandir(proc) as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                uid = entry.stat(follow_symlinks=False).st_uid
-                if uid in build_uids:
-                    key = uid
-                elif uid >= AUTO_UID_START:
-                    key = -1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK
-                else:
-                    continue
-                with open(f"{proc}/{entry.name}/stat", "rb") as f:
-                    # After the command name, which may hold spaces and ')'.
-                    started = int(f.read().rpartition(b")")[2].split()[19])
-            except (OSError, IndexError, ValueError):  # the process exited while we looked
-                continue
-            builds[key] = min(started, builds.get(key, started))
-    return builds
+    return {key: build.started for key, build in scan_builds(build_uids, proc).items()}
 
 
 BUILDS_RECORD = "builds.json"  # in the agent's state_dir: builds that finished, as it saw them

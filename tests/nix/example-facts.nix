@@ -15,14 +15,7 @@ let
       example = ../../examples/${name}.nix;
     }).config;
 
-  failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
-  # A generated /etc file's text: writeText derivations keep it in `text`.
-  etcText =
-    config: file:
-    let
-      entry = config.environment.etc.${file};
-    in
-    entry.source.text or entry.text;
+  inherit (import ./config-facts.nix lib) failed etcText;
 
   builder = machine "builder" "big" [ ];
   client = machine "client" "laptop" [ ];

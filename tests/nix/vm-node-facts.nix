@@ -29,13 +29,7 @@ let
         };
       };
 
-  failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
-  etcText =
-    config: file:
-    let
-      entry = config.environment.etc.${file};
-    in
-    entry.source.text or entry.text;
+  inherit (import ./config-facts.nix lib) failed etcText;
   etcEntry = config: file: {
     inherit (config.environment.etc.${file}) mode;
     source = baseNameOf (toString config.environment.etc.${file}.source);
