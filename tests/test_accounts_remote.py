@@ -4,6 +4,7 @@ the agent service telling whose each one is, what each key may read back."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -190,3 +191,39 @@ def test_the_agent_serves_prometheus_metrics_with_per_client_counters(farm: Farm
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://{b.address}:9716/nope", timeout=10)
     assert missing.value.code == 404
+
+
+def test_a_user_without_the_key_gets_the_dispatcher_s_all_time_usage(farm: Farm, client: Client) -> None:
+    from test_dispatch import Dispatcher
+
+    key = farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    farm.start_agent(b, "--interval", "1")
+    assert client.build(b.machines_line(key, "ssh-ng"), count=2).returncode == 0
+    wait_for(
+        "the builds are counted",
+        lambda: accounts(farm, "alice", b)["clients"]["alice"]["builds_finished"] == 2,
+    )
+    dispatcher = Dispatcher(farm, [b])  # it asks for the accounts as soon as it is connected
+    try:
+        dispatcher.wait(
+            "the accounts in the status", lambda: dispatcher.status()["b1"].get("accounts") is not None
+        )
+    finally:
+        dispatcher.stop()
+    # What a user of the client may read: the inventory and the status, not the key.
+    shared = farm.root / "shared"  # (the farm's own directory is open to all, as /etc is)
+    shared.mkdir(mode=0o755)
+    shutil.copy(dispatcher.machines.parent / "dispatch-status.json", shared)
+    shutil.copy(dispatcher.machines.parent / "inventory.json", shared)
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", farm.nixfarm, "usage"]
+    where = ["--inventory", str(shared / "inventory.json"), "--machines", str(shared / "machines")]
+    result = subprocess.run([*as_nobody, *where, "--json"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["rows"]
+    assert (row["client"], row["builds_finished"]) == ("alice", 2)
+    windowed = subprocess.run(
+        [*as_nobody, *where, "--since", "1h"], capture_output=True, text=True, timeout=30
+    )
+    assert windowed.returncode == 2
+    assert "--since asks the builders with" in windowed.stderr and "run as root" in windowed.stderr

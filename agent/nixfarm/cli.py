@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the farm's totals per client or builder",
         allow_abbrev=False,
         description="Ask every builder of the inventory for its accounts and add them up: builds "
-        "started, finished, failed, build time, CPU time, bytes received and sent. Needs the "
-        "inventory's key (root on a client, or an admin's own inventory). Exit 1 if a builder "
+        "started, finished, failed, build time, CPU time, bytes received and sent, with the "
+        "inventory's key (root on a client, or an admin's own inventory). A user who cannot read "
+        "the key gets the all-time numbers the dispatcher keeps (--machines). Exit 1 if a builder "
         "did not answer (the others are still shown).",
     )
     p.add_argument(
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--by", choices=("client", "builder"), default="client", help="rows per client (default) or builder"
+    )
+    p.add_argument(
+        "--machines", default=None, metavar="PATH", help="the dispatcher's machines file (its status)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -604,8 +608,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_builds(args.machines or DEFAULT_MACHINES, args.inventory, args.json)
         if args.command == "usage":
             from .farmview import run_usage
+            from .status import DEFAULT_MACHINES
 
-            return run_usage(args.inventory, args.since, args.by, args.json)
+            return run_usage(
+                args.inventory, args.machines or DEFAULT_MACHINES, args.since, args.by, args.json
+            )
         config = load_config(args.config)
         if args.command == "accounts":
             return print_accounts(config, args.since)

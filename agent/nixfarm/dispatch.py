@@ -46,7 +46,7 @@ from .inotify import InotifyUnavailable
 from .inventory import Builder, Inventory
 from .passes import HookPasses
 from .slots import PROC_LOCKS, SlotHolds, flocked_inodes
-from .sshconn import connect_options
+from .sshconn import connect_options, run_for_line
 
 SCHEMA = 1
 MAX_LINE = 1 << 20  # a snapshot is ~1.5 KiB; a megabyte is hostile
@@ -55,6 +55,8 @@ STATUS_NAME = "dispatch-status.json"
 # How often the hooks' slot locks are read: a hook that took a slot connects to the
 # builder (100-300 ms) before Nix asks about its next build.
 HOOK_POLL = 0.05
+ACCOUNTS_EVERY = 60.0  # seconds between asking each builder for its accounts (usage)
+ACCOUNTS_TIMEOUT = 30.0
 STOP_WITHIN = 5.0  # seconds the SSH sessions get to close when the dispatcher stops
 
 log = logging.getLogger("nixfarm.dispatch")
@@ -255,6 +257,8 @@ class BuilderState:
         self.retry_at = 0.0
         self.low_disk_since: float | None = None
         self.stalled = False  # degraded because the stream stalled: not listed
+        # Its per-client accounts, all time (nixfarm accounts), for `nixfarm usage` by any user.
+        self.accounts: dict[str, Any] | None = None
         # This client's builds in flight there, from its hooks' slot locks (None: not known).
         self.in_flight: int | None = None
         self.in_flight_at_snapshot = 0  # when the last snapshot came
@@ -391,6 +395,7 @@ class BuilderState:
             # Builds it may take beyond its capacity now (claim()); only a healthy builder takes any.
             "ahead": ending_soon(snap, self.reaction) if self.state == "healthy" and snap else 0,
             "snapshot": snap,
+            "accounts": self.accounts,
         }
 
 
@@ -618,10 +623,29 @@ class Dispatcher:
                 f"nixfarm stream --interval {self.settings.interval:g}", encoding=None
             )
             state.stream_input, state.told = proc.stdin, None  # a new stream is told anew
+            accounts = asyncio.create_task(self._poll_accounts(state, conn))
             try:
                 await self._read_snapshots(state, proc)
             finally:
                 state.stream_input = None
+                accounts.cancel()
+
+    async def _poll_accounts(self, state: BuilderState, conn: asyncssh.SSHClientConnection) -> None:
+        """Every ACCOUNTS_EVERY seconds, the builder's accounts (a session on the stream's connection).
+
+        Best effort: an older builder refuses `nixfarm accounts`, and usage then lacks it.
+        """
+        from .farmview import check_report
+
+        while True:
+            try:
+                answer = await run_for_line(conn, "nixfarm accounts", MAX_LINE, ACCOUNTS_TIMEOUT)
+                if answer.how == "line":
+                    report = check_report(answer.line)
+                    state.accounts = {"clients": report["clients"], "time": time.time()}
+            except (asyncssh.Error, OSError, TimeoutError, ValueError) as e:
+                log.info("%s: no accounts (%s)", state.builder.name, _describe(e))
+            await asyncio.sleep(ACCOUNTS_EVERY)
 
     async def _read_snapshots(self, state: BuilderState, proc: asyncssh.SSHClientProcess[bytes]) -> None:
         """Take the stream's lines as snapshots until it ends (OSError) or sends garbage (BadSnapshot)."""

@@ -6,8 +6,10 @@ builds: every builder's running builds, from the dispatcher's status file
 through the gateway): an admin key on a machine without a dispatcher.
 
 usage: each builder's accounts (`nixfarm accounts --since D` through the
-gateway, accounts.py), added up by client or by builder. It takes the
-inventory's key: root on a client, or an admin's own inventory.
+gateway, accounts.py), added up by client or by builder, asked with the
+inventory's key (root on a client, or an admin's own inventory). A user who
+cannot read that key gets the all-time numbers the dispatcher keeps in its
+status (it asks every builder every minute).
 
 A builder that does not answer is named, with why, and the exit code is 1;
 the others' numbers are still shown.
@@ -18,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import UsageError
 from .inventory import Builder, Inventory, load_inventory
 from .privacy import OTHERS
 
@@ -192,10 +196,38 @@ def usage_rows(reports: dict[str, dict[str, Any]], by: str) -> list[dict[str, An
     return sorted(rows, key=lambda r: (-r["build_seconds"], str(r[by])))
 
 
-def run_usage(inventory_path: str, since: float | None, by: str, as_json: bool) -> int:
+def _reports_from_status(machines: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Each builder's all-time accounts as the dispatcher last had them."""
+    from .status import read_status, status_path
+
+    reports, problems = {}, {}
+    for b in read_status(status_path(machines))["builders"]:
+        if isinstance(b.get("accounts"), dict):
+            reports[b["name"]] = b["accounts"]
+        else:
+            problems[b["name"]] = "no accounts from it yet (the dispatcher asks every minute)"
+    return reports, problems
+
+
+def usage_reports(
+    inventory_path: str, machines: str, since: float | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The builders' accounts: asked with the inventory's key, or the dispatcher's all-time view."""
+    inventory = load_inventory(inventory_path)
+    if os.access(inventory.key_file, os.R_OK):
+        command = "nixfarm accounts" + ("" if since is None else f" --since {int(since)}")
+        return _split(ask_builders(inventory, command, check_report))
+    if since is not None:
+        raise UsageError(
+            f"--since asks the builders with {inventory.key_file}, which this user cannot read: "
+            "run as root (without --since: the dispatcher's all-time numbers)"
+        )
+    return _reports_from_status(machines)
+
+
+def run_usage(inventory_path: str, machines: str, since: float | None, by: str, as_json: bool) -> int:
     """`nixfarm usage`: 0, or 1 if a builder could not be asked."""
-    command = "nixfarm accounts" + ("" if since is None else f" --since {int(since)}")
-    reports, problems = _split(ask_builders(load_inventory(inventory_path), command, check_report))
+    reports, problems = usage_reports(inventory_path, machines, since)
     rows = usage_rows(reports, by)
     if as_json:
         print(
