@@ -217,8 +217,12 @@ class Accountant:
         with self._lock:
             self.ledger.forget_old(time.time())
             record = self.ledger.to_json()
-        write_atomic(os.path.join(self.state_dir, RECORD), record)
-        self.ledger.changed = False
+            self.ledger.changed = False
+        try:
+            write_atomic(os.path.join(self.state_dir, RECORD), record)
+        except OSError:
+            self.ledger.changed = True  # saved at the next try
+            raise
         self._saved = now
 
     def look(self) -> None:
@@ -305,12 +309,11 @@ class Accountant:
         self._map_sessions(baseline=False)
 
     def _map_sessions(self, baseline: bool) -> None:
-        for pid, client in live_sessions(self.state_dir).items():
-            try:
-                with self._lock:
-                    self.traffic.session_started(pid, client, baseline)
-            except OSError as e:  # sock_diag unavailable
-                log.warning("cannot tell which connection session %d uses: %s", pid, e)
+        try:
+            with self._lock:
+                self.traffic.sessions_started(live_sessions(self.state_dir), baseline)
+        except OSError as e:  # sock_diag unavailable
+            log.warning("cannot tell which connections the gateway's sessions use: %s", e)
 
     @staticmethod
     def _destroy_listener() -> Any:

@@ -72,20 +72,26 @@ class TrafficMeter:
 
     def __init__(self) -> None:
         self.connections: dict[int, Connection] = {}  # by socket cookie
+        self._sessions: set[int] = set()  # the sessions mapped already
 
-    def session_started(self, pid: int, client: str, baseline: bool = False) -> None:
-        """Know the connection a new session runs over as `client`'s.
+    def sessions_started(self, sessions: dict[int, str], baseline: bool = False) -> None:
+        """Know the connections new sessions (PID -> client) run over as their clients'.
 
-        `baseline`: it may be older than the agent; count only from now on.
+        `baseline`: they may be older than the agent; count only from now on.
         """
-        sockets = tcp_sockets()
-        inode = attribution.connection_of(pid, sockets)
-        if inode is None or len(self.connections) >= MAX_CONNECTIONS:
+        new = {pid: client for pid, client in sessions.items() if pid not in self._sessions}
+        self._sessions = set(sessions)
+        if not new:
             return
-        found = sockets[inode]
-        if found.cookie not in self.connections:
-            start = (found.received, found.sent) if baseline else (0, 0)
-            self.connections[found.cookie] = Connection(client, *start)
+        sockets = tcp_sockets()
+        for pid, client in new.items():
+            inode = attribution.connection_of(pid, sockets)
+            if inode is None or len(self.connections) >= MAX_CONNECTIONS:
+                continue
+            found = sockets[inode]
+            if found.cookie not in self.connections:
+                start = (found.received, found.sent) if baseline else (0, 0)
+                self.connections[found.cookie] = Connection(client, *start)
 
     def look(self) -> Counted:
         """The bytes since the last look; connections gone since are forgotten."""
