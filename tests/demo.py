@@ -6,7 +6,8 @@ Starts three harness builders (4, 2 and 1 build slots; each a network
 namespace with its own sshd, nix-daemon, store and nixfarm agent), and for
 each of two clients a `nixfarm dispatch` keeping that client's machines file.
 Both clients send N builds of S seconds at the same time while the live
-`nixfarm status` of the first client is shown; then a summary (builds per
+`nixfarm status` of the first client is shown; then `nixfarm usage` (the
+builders' per-client accounts) and a summary (builds per
 builder, makespan against the best possible), and everything is torn down,
 also on Ctrl-C. Each build holds one of its builder's slots while it works,
 so a builder really runs only that many at once (DESIGN.md). Each client
@@ -128,6 +129,23 @@ def show(files: dict[str, Path], started: float, done: dict[str, float | None], 
     console.print(render(read_status(status_path(str(files[CLIENTS[0]]))), time.time()), soft_wrap=True)
 
 
+def farm_usage(farm: Farm, builders: dict[str, Builder], expected: int) -> list[dict[str, Any]]:
+    """`nixfarm usage` of the farm (the builders' per-client accounts), once every build is counted;
+    the table is shown too."""
+    inventory = str(farm.write_inventory(CLIENTS[0], list(builders.values())))
+    usage = [farm.nixfarm, "usage", "--inventory", inventory]
+    deadline = time.monotonic() + 15  # a build counts once its outputs are valid there
+    while True:
+        result = subprocess.run([*usage, "--json"], capture_output=True, text=True, timeout=60)
+        rows: list[dict[str, Any]] = json.loads(result.stdout)["rows"] if result.returncode == 0 else []
+        if sum(r["builds_finished"] for r in rows) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print()
+    subprocess.run(usage, timeout=60, check=False)
+    return rows
+
+
 def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
     with Farm() as farm:
         builders = start_farm(farm)
@@ -177,6 +195,7 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
                     proc.wait()
         placed = Counter(Path(p).read_text().split()[-1] for paths in outputs.values() for p in paths)
         work = len(CLIENTS) * builds * seconds
+        usage = farm_usage(farm, builders, len(CLIENTS) * builds)
         return {
             "mode": "static" if static else "dispatcher",
             "builds_per_builder": {name: placed.get(name, 0) for name in BUILDERS},
@@ -184,6 +203,13 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
             "makespan_seconds": round(max(t for t in done.values() if t), 2),
             "lower_bound_seconds": max(seconds, work / sum(BUILDERS.values())),
             "builds": len(CLIENTS) * builds,
+            # As the builders accounted them (README "Accounts").
+            "usage_by_client": {
+                r["client"]: {
+                    k: r[k] for k in ("builds_started", "builds_finished", "builds_failed", "build_seconds")
+                }
+                for r in usage
+            },
         }
 
 

@@ -187,7 +187,7 @@ def usage_rows(reports: dict[str, dict[str, Any]], by: str) -> list[dict[str, An
     for builder, report in reports.items():
         for client, counts in (report.get("clients") or {}).items():
             key = builder if by == "builder" else client_label(client)
-            row = totals.setdefault(key, dict.fromkeys((c for c, _ in USAGE_COLUMNS), 0.0))
+            row = totals.setdefault(key, dict.fromkeys((c for c, _ in USAGE_COLUMNS), 0))
             for counter, _ in USAGE_COLUMNS:
                 value = counts.get(counter, 0) if isinstance(counts, dict) else 0
                 if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
