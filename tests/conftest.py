@@ -169,6 +169,15 @@ class Client:
         enter = [sys.executable, farm_mod.nix_root.__file__, json.dumps(spec), "--"]
         return ["unshare", "--mount", "--propagation", "private", "--", *enter, *argv]
 
+    @property
+    def current_load(self) -> str:
+        """Where this client's Nix keeps its slot locks (its build hook makes it at its first
+        remote build; made here for those who hold slots before that)."""
+        nix_dir = Path("/nix") if self.nix == "2.8" else self.store
+        path = nix_dir / "var" / "nix" / "current-load"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
     def read(self, store_path: str) -> str:
         """The contents of an output in this client's store."""
         if self.nix == "2.8":
