@@ -196,6 +196,10 @@ def test_real_nix_builds_again_and_again_over_one_connection(
     farm: Farm, builder_226: Builder, protocol: str
 ) -> None:
     client = NixClient(farm, builder_226)
+    # OpenSSH 10 keeps its own QoS marks with the block (an `IPQoS throughput` turned them off).
+    resolved = subprocess.run(client.nix.argv(["ssh", "-G", "-F", str(client.config), "b1"]),
+                              capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    assert "\nipqos ef cs1\n" in resolved
     assert [client.build(protocol) for _ in range(4)] == ["ok"] * 4
     assert client.master_running()
     assert builder_226.logins() == 1, "the builds did not share one connection"
