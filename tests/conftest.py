@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -111,12 +111,43 @@ def farm() -> Iterator[farm_mod.Farm]:
         yield f
 
 
-class Client:
-    """The client side of the harness: host-namespace Nix with its own config."""
+class NixPair(NamedTuple):
+    """The Nix version of the client and of the builders in one test."""
 
-    def __init__(self, root: Path, poll_interval: int = 5) -> None:
-        self.conf_dir = root / f"client-nix-{poll_interval}"
+    client: str
+    builder: str
+
+
+# Each Nix alone, and each as a client of the other (tests/nix_root.py has 2.26).
+NIX_PAIRS = [NixPair("2.8", "2.8"), NixPair("2.26", "2.26"), NixPair("2.26", "2.8"), NixPair("2.8", "2.26")]
+
+
+@pytest.fixture(params=NIX_PAIRS, ids=lambda p: f"client{p.client}-builder{p.builder}")
+def nix(request: pytest.FixtureRequest) -> NixPair:
+    """Run the test once for each pair of client and builder Nix versions."""
+    pair: NixPair = request.param
+    return pair
+
+
+class Client:
+    """The client side of the harness: Nix with its own config, the host's Nix 2.8 or,
+    with nix="2.26", Nix 2.26 chrooted into the Debian 13 root (tests/nix_root.py) with
+    a store of its own in the farm's directory."""
+
+    def __init__(self, root: Path, poll_interval: int = 5, nix: str = "2.8") -> None:
+        self.nix = nix
+        self.farm_root = root
+        self.conf_dir = root / f"client-nix-{nix}-{poll_interval}"
         self.conf_dir.mkdir(exist_ok=True)
+        self.builds_nix = BUILDS_NIX
+        if nix == "2.26":
+            self.store = root / "client-nix-2.26-store"  # its /nix, kept for the farm's life
+            self.store.mkdir(exist_ok=True)
+            # The root has no mount point for the working tree; the farm's directory it has.
+            self.builds_nix = self.conf_dir / "builds.nix"
+            shutil.copy(BUILDS_NIX, self.builds_nix)
+        elif nix != "2.8":
+            raise ValueError(f"no client Nix {nix!r} here; the harness has {farm_mod.nix_root.NIX_VERSIONS}")
         (self.conf_dir / "nix.conf").write_text(
             # No substituters: the network is closed here, and a cache lookup would
             # otherwise wait on a DNS failure for every build.
@@ -128,6 +159,33 @@ class Client:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "NIX_CONF_DIR": str(self.conf_dir)}
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """argv as this client runs it: as it is, or chrooted into the Nix 2.26 root."""
+        if self.nix == "2.8":
+            return argv
+        spec = {
+            "root": str(farm_mod.nix_root.ensure_root()),
+            "nix": str(self.store),
+            "binds": [[str(self.farm_root), str(self.farm_root)]],
+        }
+        enter = [sys.executable, farm_mod.nix_root.__file__, json.dumps(spec), "--"]
+        return ["unshare", "--mount", "--propagation", "private", "--", *enter, *argv]
+
+    @property
+    def current_load(self) -> str:
+        """Where this client's Nix keeps its slot locks (its build hook makes it at its first
+        remote build; made here for those who hold slots before that)."""
+        nix_dir = Path("/nix") if self.nix == "2.8" else self.store
+        path = nix_dir / "var" / "nix" / "current-load"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def read(self, store_path: str) -> str:
+        """The contents of an output in this client's store."""
+        if self.nix == "2.8":
+            return Path(store_path).read_text()
+        return (self.store / Path(store_path).relative_to("/nix")).read_text()
 
     def build(
         self, builders: str, nonce: str | None = None, timeout: float = 180, **args: int | str
@@ -144,7 +202,7 @@ class Client:
     def build_argv(self, builders: str, nonce: str | None = None, **args: int | str) -> list[str]:
         argv = [
             "nix-build",
-            str(BUILDS_NIX),
+            str(self.builds_nix),
             "--no-out-link",
             "--max-jobs",
             "0",
@@ -156,7 +214,7 @@ class Client:
         ]
         for name, value in args.items():
             argv += ["--arg", name, str(value)] if isinstance(value, int) else ["--argstr", name, value]
-        return argv
+        return self.argv(argv)
 
 
 @pytest.fixture

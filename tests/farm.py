@@ -36,6 +36,8 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 
+import nix_root
+
 BUILDER_USER = "nixfarm"
 BUILDER_HOME = "/var/lib/nixfarm-builder"
 BUILD_USERS_GROUP = "nixbld"
@@ -76,10 +78,10 @@ def current_system() -> str:
 
 def ensure_builder_user() -> None:
     """The builder user sshd lets in; shared by all harness builders (own keys each)."""
+    os.makedirs(BUILDER_HOME, mode=0o755, exist_ok=True)  # also bound into 2.26 builders
     try:
         run(["getent", "passwd", BUILDER_USER])
     except FarmError:
-        os.makedirs(BUILDER_HOME, mode=0o755, exist_ok=True)
         run(["useradd", "--system", "--home-dir", BUILDER_HOME, "--shell", "/bin/sh", BUILDER_USER])
     # sshd refuses locked accounts ('!' in /etc/shadow); '*' means "no password" instead.
     run(["usermod", "-p", "*", BUILDER_USER])
@@ -125,6 +127,15 @@ class Builder:
     cgroup: str = ""  # absolute cgroup directory, if a memory cgroup was made
     clients: dict[str, str] = field(default_factory=dict)  # client -> role
     agents: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # agent PID -> its nsenter
+    nix: str = "2.8"  # "2.8": the machine's Nix and sshd; "2.26": those of the Debian 13 root
+    nixfarm: str = ""  # the `nixfarm` program as the builder sees it
+
+    def nsenter(self) -> list[str]:
+        """The nsenter argv prefix that runs a program inside this builder as root.
+
+        -r -w: a 2.26 builder's init is chrooted into its root, and so is what joins it.
+        """
+        return ["nsenter", "-t", str(self.init_pid), "-m", "-n", "-p", "-r", "-w", "--"]
 
     def logins(self) -> int:
         """Logins its sshd has accepted so far (a session over a shared connection is none)."""
@@ -152,9 +163,8 @@ class Builder:
         self, argv: list[str], check: bool = True, timeout: float = 60, **kw: object
     ) -> subprocess.CompletedProcess[str]:
         """Run argv inside this builder (its mount, net and PID namespaces) as root."""
-        cmd = ["nsenter", "-t", str(self.init_pid), "-m", "-n", "-p", "--", *argv]
         return subprocess.run(  # type: ignore[call-overload]
-            cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw
+            [*self.nsenter(), *argv], check=check, text=True, capture_output=True, timeout=timeout, **kw
         )
 
     def processes(self) -> list[tuple[int, str]]:
@@ -289,8 +299,12 @@ class Farm:
         nix_conf: str = "",
         agent_config: dict[str, object] | None = None,
         sshd_match_block: bool = True,
+        nix: str = "2.8",
     ) -> Builder:
         """Start a builder host; `clients` maps client name to gateway role.
+
+        `nix="2.26"` runs its nix-daemon, sshd, gateway and agent from the cached
+        Debian 13 root (tests/nix_root.py) instead of the machine's Nix 2.8.
 
         `sshd_match_block=False` leaves out the sshd `Match User` block, so that
         only `restrict` in authorized_keys stands between a key and a shell.
@@ -298,7 +312,10 @@ class Farm:
         index = len(self.builders) + 1
         if index > 200:
             raise FarmError("at most 200 builders per farm")
-        b = Builder(name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients))
+        if nix not in nix_root.NIX_VERSIONS:
+            raise FarmError(f"no Nix {nix!r} here; the harness has {', '.join(nix_root.NIX_VERSIONS)}")
+        b = Builder(name, index, self.id, self.root / "builders" / name, store_size, clients=dict(clients),
+                    nix=nix, nixfarm=self.nixfarm if nix == "2.8" else nix_root.LAUNCHER)  # fmt: skip
         self.builders[name] = b
         b.root.mkdir(parents=True, mode=0o755)
         self._make_network(b)
@@ -326,7 +343,7 @@ class Farm:
         lines = []
         for client, role in b.clients.items():
             pub = self.client_keys[client].with_suffix(".pub").read_text().strip()
-            lines.append(f'restrict,command="{self.nixfarm} gateway --client {client} --role {role}" {pub}\n')
+            lines.append(f'restrict,command="{b.nixfarm} gateway --client {client} --role {role}" {pub}\n')
         (keys_dir / BUILDER_USER).write_text("".join(lines))
         state = b.root / "state"
         state.mkdir(mode=0o755)
@@ -442,6 +459,13 @@ class Farm:
             "slots": slots,
             "cgroup_procs": f"{b.cgroup}/cgroup.procs" if b.cgroup else None,
         }
+        if b.nix == "2.26":
+            # The same programs, from the root it chroots into (they have the same paths there).
+            spec["nix_root"] = {
+                "root": str(nix_root.ensure_root()),
+                "store_size": b.store_size,
+                "binds": [[str(self.root), str(self.root)], [BUILDER_HOME, BUILDER_HOME]],
+            }
         (b.root / "spec.json").write_text(json.dumps(spec))
         log = (b.root / "init.log").open("wb")
         b.unshare = subprocess.Popen(
@@ -512,9 +536,9 @@ class Farm:
     def start_agent(self, b: Builder, *args: str) -> int:
         """Start `nixfarm agent` in the builder as root; returns its PID (host view)."""
         log = (b.root / "agent.log").open("ab")
-        argv = [self.nixfarm, "--config", str(b.root / "agent.json"), "agent", *args]
+        argv = [b.nixfarm, "--config", str(b.root / "agent.json"), "agent", *args]
         nsenter = subprocess.Popen(
-            ["nsenter", "-t", str(b.init_pid), "-m", "-n", "-p", "--", *argv],
+            [*b.nsenter(), *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -16,15 +16,22 @@ import subprocess
 import sys
 import time
 
+import nix_root
+
 
 def setup_mounts(spec: dict) -> None:
-    # Nothing we mount may leak back into the host's mount namespace.
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={spec['store_size']},mode=0755", "tmpfs", "/nix"],
-        check=True,
-    )
-    subprocess.run(["mount", "--bind", spec["etc_nix"], "/etc/nix"], check=True)
+    if "nix_root" in spec:
+        # Nix 2.26: chroot into the Debian 13 root, with its own tmpfs /nix and our /etc/nix.
+        root = spec["nix_root"]
+        nix_root.setup({**root, "binds": [*root["binds"], [spec["etc_nix"], "/etc/nix"]]})
+    else:
+        # Nothing we mount may leak back into the host's mount namespace.
+        subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={spec['store_size']},mode=0755", "tmpfs", "/nix"],
+            check=True,
+        )
+        subprocess.run(["mount", "--bind", spec["etc_nix"], "/etc/nix"], check=True)
     os.makedirs("/nix/store", mode=0o1775, exist_ok=True)
     os.makedirs("/nix/var/nix/daemon-socket", exist_ok=True)
     os.makedirs("/nix/var/nix/gcroots", exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Client
+from conftest import Client, NixPair
 from farm import Builder, Farm
 from nixfarm.atomic import write_atomic
 
@@ -23,13 +23,17 @@ HERE = Path(__file__).resolve().parent
 class Dispatcher:
     """A running `nixfarm dispatch` for client alice."""
 
-    def __init__(self, farm: Farm, builders: list[Builder], static_max_jobs: int = 2) -> None:
+    def __init__(
+        self, farm: Farm, builders: list[Builder], static_max_jobs: int = 2, current_load: str | None = None
+    ) -> None:
         self.farm = farm
         inventory = farm.write_inventory("alice", builders, max_jobs=static_max_jobs)
         self.machines = farm.root / "clients" / "alice" / "machines"
         timing = ["--interval", str(INTERVAL), "--keepalive", str(KEEPALIVE), "--backoff-base", str(BACKOFF)]
         argv = [farm.nixfarm, "dispatch", "--inventory", str(inventory), "--machines", str(self.machines)]
         argv += timing
+        if current_load:  # the store of a client whose Nix is not the machine's (Client.current_load)
+            argv += ["--current-load", current_load]
         self.log = farm.root / "dispatch.log"
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
         # It writes its first status at once; before that `nixfarm status` rightly says there is none.
@@ -133,26 +137,26 @@ def test_a_full_store_that_does_not_recover_leaves_and_returns_after_gc(farm: Fa
         dispatcher.stop()
 
 
-def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> None:
+def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm, nix: NixPair) -> None:
     """One slot, two clients: while bob builds there, alice's dispatcher holds the slot
     back in her Nix's load accounting, and her waiting build goes when bob's ends."""
     farm.add_client("alice")
     bob_key = farm.add_client("bob")
-    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build"}, max_jobs=1)
+    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build"}, max_jobs=1, nix=nix.builder)
     farm.start_agent(b, "--interval", "1")  # it keeps the clients' demand (demand.py)
-    dispatcher = Dispatcher(farm, [b])
-    nix = Client(farm.root, poll_interval=1)
+    client = Client(farm.root, poll_interval=1, nix=nix.client)
+    dispatcher = Dispatcher(farm, [b], current_load=client.current_load)
     bob_store = f"local?root={farm.root / 'clients' / 'bob' / 'store'}"  # bob is another machine
     try:
         dispatcher.wait("b1 listed", lambda: dispatcher.listed() == {"b1"})
-        bob_argv = nix.build_argv(b.machines_line(bob_key, max_jobs=1), count=1, seconds=8)
-        bob = subprocess.Popen([*bob_argv, "--store", bob_store], env=nix.env(), text=True,
+        bob_argv = client.build_argv(b.machines_line(bob_key, max_jobs=1), count=1, seconds=8)
+        bob = subprocess.Popen([*bob_argv, "--store", bob_store], env=client.env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         dispatcher.wait("bob's build seen", lambda: dispatcher.status()["b1"]["held_back"] == 1)
         line = dispatcher.status()["b1"]["line"]
         assert line.split()[3] == "2"  # the file still lists the width (the inventory's max_jobs)
-        alice = subprocess.Popen(nix.build_argv(f"@{dispatcher.machines}", count=1, seconds=1),
-                                 env=nix.env(), text=True,
+        alice = subprocess.Popen(client.build_argv(f"@{dispatcher.machines}", count=1, seconds=1),
+                                 env=client.env(), text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         end = time.monotonic() + 3
         while time.monotonic() < end:
@@ -170,7 +174,7 @@ def test_a_client_leaves_a_full_builder_to_the_client_using_it(farm: Farm) -> No
         alice_out, alice_err = alice.communicate(timeout=60)
         assert bob.returncode == 0, bob_err[-3000:]
         assert alice.returncode == 0, alice_err[-3000:]
-        assert Path(alice_out.strip()).read_text().split()[-1] == "b1"
+        assert client.read(alice_out.strip()).split()[-1] == "b1"
         assert "waiting for a machine" in alice_err
     finally:
         dispatcher.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -73,9 +72,20 @@ def statuses(report: dict[str, Any]) -> dict[str, str]:
     return {name: report[name]["status"] for name in CHECKS}
 
 
-def test_healthy_builder_passes_every_check(farm: Farm) -> None:
+# What each builder Nix's daemon says in the handshake, and how doctor learns trust from it:
+# Nix 2.8 speaks protocol 1.34, before the 1.35 trust flag, so doctor probes with a
+# restricted setting. Nix 2.26 offers 1.38 (which adds a feature exchange doctor does
+# not need), so the two speak doctor's 1.37, whose handshake carries the trust flag.
+DAEMONS = {
+    "2.8": ("daemon protocol 1.34 (Nix 2.8.0)", "no trust flag; from the daemon's answer to a restricted"),
+    "2.26": ("daemon protocol 1.38 (Nix 2.26.3), spoken at 1.37", "(daemon protocol 1.37 handshake flag)"),
+}
+
+
+@pytest.mark.parametrize("nix", DAEMONS)
+def test_healthy_builder_passes_every_check(farm: Farm, nix: str) -> None:
     farm.add_client("alice")
-    b = farm.add_builder("b1", clients={"alice": "build"})
+    b = farm.add_builder("b1", clients={"alice": "build"}, nix=nix)
     inventory = farm.write_inventory("alice", [b])
 
     code, reports = doctor_json(farm, inventory)
@@ -83,9 +93,11 @@ def test_healthy_builder_passes_every_check(farm: Farm) -> None:
     report = reports["b1"]
     assert report["usable"] is True
     assert statuses(report) == dict.fromkeys(CHECKS, OK)
-    # A real ssh-ng handshake with Nix 2.8's daemon (protocol 1.34), and trust without the 1.35 flag.
-    assert re.search(r"daemon protocol 1\.\d+ \(Nix \d+\.\d+", report["daemon"]["message"])
+    # A real ssh-ng handshake with this Nix's daemon, and its way of telling trust.
+    daemon, trust_how = DAEMONS[nix]
+    assert report["daemon"]["message"] == f"ssh-ng handshake: {daemon}", report["daemon"]
     assert "trusts nixfarm" in report["trust"]["message"]
+    assert trust_how in report["trust"]["message"], report["trust"]
     assert report["metrics"]["message"].startswith("schema 1 snapshot from b1")
 
     text = doctor(farm, inventory)
@@ -240,10 +252,11 @@ def test_metrics_role_key_cannot_build(farm: Farm) -> None:
     assert report["daemon"]["message"] == "not checked: build-role failed"
 
 
-def test_untrusted_builder_user(farm: Farm) -> None:
+@pytest.mark.parametrize("nix", DAEMONS)
+def test_untrusted_builder_user(farm: Farm, nix: str) -> None:
     farm.add_client("alice")
     # A later trusted-users line wins: nixfarm is no longer trusted by the builder's daemon.
-    b = farm.add_builder("b1", clients={"alice": "build"}, nix_conf="trusted-users = root\n")
+    b = farm.add_builder("b1", clients={"alice": "build"}, nix_conf="trusted-users = root\n", nix=nix)
     inventory = farm.write_inventory("alice", [b])
 
     code, reports = doctor_json(farm, inventory)
@@ -251,6 +264,7 @@ def test_untrusted_builder_user(farm: Farm) -> None:
     check = reports["b1"]["trust"]
     assert check["status"] == FAIL
     assert "does not trust nixfarm" in check["message"]
+    assert DAEMONS[nix][1] in check["message"], check
     assert "trusted-users" in check["fix"]
     assert reports["b1"]["daemon"]["status"] == OK
 

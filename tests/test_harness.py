@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 
 import farm as farm_mod
+import nix_root
+from conftest import Client
 
 
 class Boom(Exception):
@@ -90,3 +94,34 @@ def test_a_forked_copy_of_the_process_cannot_tear_the_farm_down() -> None:
             os._exit(0)
         os.waitpid(pid, 0)
         assert f.root.exists() and f.ssh("alice", b, "nixfarm metrics").returncode == 0
+
+
+@pytest.mark.harness
+def test_a_nix_2_26_builder_and_client_run_debian_13s_programs() -> None:
+    """nix="2.26": the builder's daemon, sshd and gateway come from the Debian 13 root, the
+    client's Nix and ssh too; the cached root is not written to; nothing is left behind."""
+    root = nix_root.ensure_root()
+    before = sorted(os.listdir(root / "etc"))
+    with farm_mod.Farm() as f:
+        f.add_client("alice")
+        b = f.add_builder("b1", clients={"alice": "build"}, nix="2.26", store_size="32m")
+        farm_id = f.id
+        assert b.exec(["nix-daemon", "--version"]).stdout.strip() == "nix-daemon (Nix) 2.26.3"
+        assert b.exec(["/usr/sbin/sshd", "-V"]).stderr.startswith("OpenSSH_10.0p2")
+        assert "32M" in b.exec(["df", "-h", "/nix/store"]).stdout
+        # The gateway (the working tree's, on the root's Python) answers over its sshd.
+        metrics = f.ssh("alice", b, "nixfarm metrics --json")
+        assert metrics.returncode == 0, metrics.stderr
+        assert json.loads(metrics.stdout)["hostname"] == "b1"
+        sshd_log = (b.root / "sshd.log").read_text()
+        assert f"forced-command (key-option) '{nix_root.LAUNCHER} gateway" in sshd_log
+        client = Client(f.root, nix="2.26")
+        versions = subprocess.run(client.argv(["sh", "-c", "nix-build --version; ssh -V"]),
+                                  capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert versions.stdout == "nix-build (Nix) 2.26.3\n", versions.stderr
+        assert versions.stderr.startswith("OpenSSH_10.0p2")
+        # Read-only: a stray write into the cache fails instead of changing it for every run.
+        touch = b.exec(["touch", "/etc/nixfarm-stray"], check=False)
+        assert touch.returncode != 0 and "Read-only file system" in touch.stderr
+    assert sorted(os.listdir(root / "etc")) == before
+    assert farm_mod.leftovers(farm_id) == []

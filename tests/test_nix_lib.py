@@ -192,7 +192,6 @@ def test_ssh_host_block() -> None:
         "ConnectTimeout 5",
         "ServerAliveInterval 60",
         "ServerAliveCountMax 3",
-        "IPQoS throughput",
     }
     assert all(line.startswith("  ") for line in lines[1:])
     assert "Control" not in block  # connection sharing is off unless asked for

@@ -259,7 +259,6 @@ def test_client_ssh_config(facts: dict[str, Any]) -> None:
         "IdentityFile /etc/nix/nixfarm_ed25519",
         "ServerAliveInterval 60",
         "ServerAliveCountMax 3",
-        "IPQoS throughput",
         "ConnectTimeout 10",
     ]:
         assert f"  {line}\n" in block + "\n", line

@@ -1,4 +1,5 @@
-"""Real nix-build from the host namespace, built on a harness builder through the gateway."""
+"""Real nix-build from a client, built on a harness builder through the gateway: with each
+Nix on both ends (conftest.NIX_PAIRS: 2.8 and 2.26, and each as a client of the other)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Client
+from conftest import Client, NixPair
 from farm import Farm
 
 
@@ -15,17 +16,18 @@ from farm import Farm
     [("ssh-ng", "nix-daemon --stdio"), ("ssh", "nix-store --serve --write")],
 )
 def test_build_runs_on_the_builder_through_the_gateway(
-    farm: Farm, client: Client, protocol: str, remote_command: str
+    farm: Farm, nix: NixPair, protocol: str, remote_command: str
 ) -> None:
+    client = Client(farm.root, nix=nix.client)
     key = farm.add_client("alice")
-    b1 = farm.add_builder("b1", clients={"alice": "build"})
-    b2 = farm.add_builder("b2", clients={"alice": "build"})
+    b1 = farm.add_builder("b1", clients={"alice": "build"}, nix=nix.builder)
+    b2 = farm.add_builder("b2", clients={"alice": "build"}, nix=nix.builder)
 
     result = client.build(b1.machines_line(key, protocol))
 
     assert result.returncode == 0, result.stderr
     out = Path(result.stdout.strip())
-    assert out.read_text() == "built on b1\n"  # the builder's own hostname
+    assert client.read(str(out)) == "built on b1\n"  # the builder's own hostname
     assert out.name in b1.exec(["ls", "/nix/store"]).stdout
     assert out.name not in b2.exec(["ls", "/nix/store"]).stdout
     log = (b1.root / "gateway.log").read_text()

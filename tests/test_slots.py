@@ -10,18 +10,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import Client
+from conftest import Client, NixPair
 from farm import Farm
 from nixfarm.slots import SlotHolds, flocked_inodes, lock_prefixes, nix_base32
 
 URI = "ssh-ng://nixfarm@10.201.7.2"
 
 
-def host_holds() -> SlotHolds:
-    """Holds in the host store's current-load, where `Client` builds (Nix makes the
-    directory at its first remote build; on a fresh machine there was none yet)."""
-    os.makedirs("/nix/var/nix/current-load", exist_ok=True)
-    return SlotHolds("/nix/var/nix/current-load")
+def client_holds(client: Client) -> SlotHolds:
+    """Holds in the current-load of the store `client` builds from."""
+    return SlotHolds(client.current_load)
 
 
 def test_nix_base32_matches_nix() -> None:
@@ -99,12 +97,13 @@ def test_the_locks_another_process_holds_are_read_from_proc_locks(tmp_path: Path
     holds.release_all()
 
 
-def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: Farm) -> None:
-    """Real Nix: a hook that started while the slots were held sees them let go."""
+def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: Farm, nix: NixPair) -> None:
+    """Real Nix: a hook that started while the slots were held sees them let go (the lock
+    files are named alike by Nix 2.8 and 2.26)."""
     key = farm.add_client("alice")
-    b = farm.add_builder("b1", clients={"alice": "build"}, max_jobs=2)
-    client = Client(farm.root, poll_interval=1)
-    holds = host_holds()
+    b = farm.add_builder("b1", clients={"alice": "build"}, max_jobs=2, nix=nix.builder)
+    client = Client(farm.root, poll_interval=1, nix=nix.client)
+    holds = client_holds(client)
     uri = f"ssh-ng://nixfarm@{b.address}"
     assert holds.hold(uri, 2, 2) == 2
     try:
@@ -118,18 +117,20 @@ def test_nix_waits_while_every_slot_is_held_and_builds_when_one_is_let_go(farm: 
     finally:
         holds.release_all()
     assert proc.returncode == 0, err[-3000:]
-    assert Path(out.strip()).read_text().split()[-1] == "b1"
+    assert client.read(out.strip()).split()[-1] == "b1"
     assert "waiting for a machine" in err  # Nix postponed it while every slot was held
 
 
-def test_nix_sends_a_build_where_the_most_slots_are_free(farm: Farm) -> None:
+def test_nix_sends_a_build_where_the_most_slots_are_free(farm: Farm, nix: NixPair) -> None:
     """Real Nix: with equal maxJobs and speedFactor on every line, the hook takes the builder
     whose line has the most slots it can lock (the dispatcher's way of steering it)."""
     key = farm.add_client("alice")
-    b1, b2 = (farm.add_builder(n, clients={"alice": "build"}, max_jobs=3) for n in ("b1", "b2"))
-    client = Client(farm.root, poll_interval=1)
+    b1, b2 = (
+        farm.add_builder(n, clients={"alice": "build"}, max_jobs=3, nix=nix.builder) for n in ("b1", "b2")
+    )
+    client = Client(farm.root, poll_interval=1, nix=nix.client)
     machines = "\n".join(b.machines_line(key, max_jobs=3) for b in (b1, b2))
-    holds = host_holds()
+    holds = client_holds(client)
     placed = []
     try:
         for held in ((2, 1), (1, 2)):  # b1 has 1 free slot and b2 2, then the other way round
@@ -137,7 +138,7 @@ def test_nix_sends_a_build_where_the_most_slots_are_free(farm: Farm) -> None:
                 holds.hold(f"ssh-ng://nixfarm@{b.address}", 3, count)
             result = client.build(machines, count=1, seconds=0)
             assert result.returncode == 0, result.stderr[-3000:]
-            placed.append(Path(result.stdout.strip()).read_text().split()[-1])
+            placed.append(client.read(result.stdout.strip()).split()[-1])
     finally:
         holds.release_all()
     assert placed == ["b2", "b1"]

@@ -9,7 +9,9 @@ So the dispatcher lists each builder with its full capacity and holds the
 locks of the slots this client must leave to others: every request sees the
 current allowance, also in a hook that started long ago.
 
-The lock file names are Nix's: `<uri with / as _>-<slot>` (CppNix 2.x), and
+The lock file names are Nix's: `<uri with / as _>-<slot>` (CppNix 2.x: the same in
+2.8 and 2.26, whose Machine renders its store reference back to the same URI;
+tests/test_slots.py runs both), and
 Lix's `<first 48 chars of that>-<16 chars of the URI's sha256, Nix base32>-<slot>`.
 Both are held; the one the running Nix does not use costs an open file.
 
