@@ -37,10 +37,14 @@ def wait_for(
         time.sleep(0.3)
 
 
-def test_builds_cpu_and_traffic_are_accounted_per_client(farm: Farm, client: Client) -> None:
+@pytest.mark.parametrize("builder_nix", ["2.8", "2.26"])
+def test_builds_cpu_and_traffic_are_accounted_per_client(
+    farm: Farm, client: Client, builder_nix: str
+) -> None:
     alice, bob = farm.add_client("alice"), farm.add_client("bob")
     farm.add_client("watcher")
-    b = farm.add_builder("b1", clients={"alice": "build", "bob": "build", "watcher": "metrics"})
+    clients = {"alice": "build", "bob": "build", "watcher": "metrics"}
+    b = farm.add_builder("b1", clients=clients, nix=builder_nix)
     agent = farm.start_agent(b, "--interval", "1")
 
     # alice: a build that spins the CPU, over ssh-ng; while it runs, the builder lists it as hers.
