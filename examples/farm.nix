@@ -2,11 +2,22 @@
 # to authorize the clients, the clients to reach the builders.
 # (Example keys: replace them with your machines' own.)
 {
+  # Builders that do not trust their clients (Nix 2.16 or later everywhere):
+  # what a client sends must be signed with its signingKey below. Recommended
+  # wherever a client key could be stolen, e.g. on CI runners (README "Threat model").
+  # trust = "untrusted";
+
   clients = {
-    # The contents of the client's /etc/nix/nixfarm_ed25519.pub.
-    laptop.publicKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4TkkfLyZz0UD/rdVEdu9f6yclYmfgzEWKwwIyAKeko root@laptop";
+    laptop = {
+      # The contents of the client's /etc/nix/nixfarm_ed25519.pub.
+      publicKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4TkkfLyZz0UD/rdVEdu9f6yclYmfgzEWKwwIyAKeko root@laptop";
+      # The contents of the client's /var/lib/nixfarm-client/signing-key.pub (made
+      # at its first boot): the builders accept what this client's Nix built.
+      signingKey = "laptop-nixfarm-1:2C9lbTZtH4OgLE2mvlBlOhUiFqFQyLGLqMhylVeUvhE=";
+    };
     ci = {
       publicKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6YsPIBkTTT2/aBdKKn5jqST+ekPWO6MoJjItL3nQ7L root@ci";
+      signingKey = "ci-nixfarm-1:6/rle0MoXo/hrWuf40UuuKT8IDamFEgUHa9YcRCApgM=";
       role = "admin"; # may also control the builders' store GC
     };
   };

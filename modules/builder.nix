@@ -38,6 +38,13 @@ let
   # systemd.resource-control(5): bytes with K/M/G/T, a percentage of RAM, or "infinity".
   memoryLimit = types.nullOr (types.strMatching "[0-9]+[KMGT]?|[0-9]+(\\.[0-9]+)?%|infinity");
 
+  untrusted = farm.trust == "untrusted";
+  # Clients that may send store paths (metrics keys cannot run Nix's protocols).
+  buildClients = lib.filterAttrs (_: c: c.role != "metrics") farm.clients;
+  unsignedClients = lib.attrNames (lib.filterAttrs (_: c: c.signingKey == null) buildClients);
+  clientKeys = lib.filter (k: k != null) (lib.mapAttrsToList (_: c: c.signingKey) buildClients);
+  nixVersion = config.nix.package.version;
+
   authorizedKeys = lib.mapAttrsToList (
     name: client:
     nixfarmLib.authorizedKeysLine {
@@ -304,6 +311,16 @@ in
         '';
       }
       {
+        # NixOS/nix#3921, in 2.16: input-addressed builds for untrusted users.
+        assertion = !untrusted || lib.versionAtLeast nixVersion "2.16";
+        message = ''
+          services.nixfarm.farm.trust is "untrusted", but this builder's Nix is ${nixVersion}: Nix
+          builds input-addressed derivations for untrusted users from 2.16 on. Use Nix 2.16 or
+          later (nix.package), or set services.nixfarm.farm.trust = "trusted" (the builder user
+          then is a trusted Nix user, as good as root: README "Threat model").
+        '';
+      }
+      {
         assertion = nixfarmLib.parseSize cfg.minFree < nixfarmLib.parseSize cfg.maxFree;
         message = ''
           services.nixfarm.builder.minFree (${toString cfg.minFree}) must be below
@@ -327,11 +344,22 @@ in
     };
     users.groups.${cfg.user} = { };
 
+    warnings = lib.optional (untrusted && unsignedClients != [ ]) ''
+      services.nixfarm.farm.clients: ${lib.concatStringsSep ", " unsignedClients} have no signingKey.
+      This builder does not trust its clients (services.nixfarm.farm.trust), so it accepts from
+      them only what it can substitute itself or what is content-addressed: a build that needs an
+      input they built fails with "lacks a signature by a trusted key". Set their signingKey to
+      the contents of /var/lib/nixfarm-client/signing-key.pub on each.
+    '';
+
     nix.settings = {
-      # Remote builds need a trusted user: the client's store paths arrive
-      # unsigned (https://nix.dev/manual/nix/stable/command-ref/conf-file#conf-trusted-users).
-      # Only the gateway runs as this user, and only Nix's protocols.
-      trusted-users = [ cfg.user ];
+      # Trusted: the client's store paths may arrive unsigned, and a trusted
+      # user is as good as root (Nix manual, conf-trusted-users). Untrusted
+      # (Nix >= 2.16): the builder user is an ordinary Nix user, and what a
+      # client sends must be signed with a client key of the inventory.
+      trusted-users = mkIf (!untrusted) [ cfg.user ];
+      # extra-: beside the binary caches' keys (nix.settings.trusted-public-keys).
+      extra-trusted-public-keys = mkIf (untrusted && clientKeys != [ ]) clientKeys;
       max-jobs = cfg.maxJobs;
       cores = cfg.cores;
       min-free = nixfarmLib.parseSize cfg.minFree;

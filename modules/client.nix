@@ -24,10 +24,38 @@ let
   sshKey = if cfg.sshKey == null then "/nonexistent-see-assertions" else cfg.sshKey;
   controlDir = "/run/nixfarm-ssh"; # connectionSharing's sockets
 
+  untrusted = farm.trust == "untrusted";
+  nixVersion = config.nix.package.version;
+  ownEntry = farm.clients.${cfg.name} or { };
+  signingKeyIsSafe =
+    lib.hasPrefix "/" cfg.signingKeyFile && !lib.hasPrefix builtins.storeDir cfg.signingKeyFile;
+  # Makes the signing key once, root-only, and its public half beside it.
+  makeSigningKey = pkgs.writeShellScript "nixfarm-signing-key" ''
+    set -eu
+    key=${lib.escapeShellArg cfg.signingKeyFile}
+    if [ ! -e "$key" ]; then
+      ${pkgs.coreutils}/bin/mkdir -p "$(${pkgs.coreutils}/bin/dirname "$key")"
+      tmp=$(${pkgs.coreutils}/bin/mktemp "$key.XXXXXX")
+      ${pkgs.coreutils}/bin/rm -f "$tmp"
+      (umask 077 && ${config.nix.package}/bin/nix-store --generate-binary-cache-key \
+        ${lib.escapeShellArg "${cfg.name}-nixfarm-1"} "$tmp" "$tmp.pub")
+      ${pkgs.coreutils}/bin/chmod 0644 "$tmp.pub"
+      ${pkgs.coreutils}/bin/mv "$tmp.pub" "$key.pub"
+      ${pkgs.coreutils}/bin/mv "$tmp" "$key"
+    fi
+    if [ -e "$key.pub" ]; then
+      echo "this client's signing key: $(${pkgs.coreutils}/bin/cat "$key.pub")" \
+        "(services.nixfarm.farm.clients.${cfg.name}.signingKey)"
+    fi
+  '';
+
   jsonFormat = pkgs.formats.json { };
   # What `nixfarm dispatch` reads: the builders as this client reaches them,
   # and the line Nix uses for each when the dispatcher knows nothing better.
   inventoryFile = jsonFormat.generate "nixfarm-inventory.json" {
+    # For `nixfarm doctor` and `nixfarm sign-store`.
+    inherit (farm) trust;
+    signing_key_file = if untrusted then cfg.signingKeyFile else null;
     client = {
       name = cfg.name;
       key_file = sshKey;
@@ -91,6 +119,21 @@ in
         passphrase), used by nix-daemon and the dispatcher. A path string,
         never a Nix path: it must not be copied into the world-readable store.
         Create it with `ssh-keygen -t ed25519 -N "" -f /etc/nix/nixfarm_ed25519`.
+      '';
+    };
+
+    signingKeyFile = mkOption {
+      type = types.str;
+      default = "/var/lib/nixfarm-client/signing-key";
+      description = ''
+        This client's Nix signing key (secret), with which its Nix signs
+        what it builds (`secret-key-files`) when the builders do not trust
+        their clients ({option}`services.nixfarm.farm.trust`). Made at boot
+        if missing (root-only, `<name>-nixfarm-1`), with its public half in
+        {file}`<this>.pub`, which goes into
+        {option}`services.nixfarm.farm.clients.<name>.signingKey`. A path
+        string, never a Nix path. Paths built before the key existed are
+        signed with `nixfarm sign-store`.
       '';
     };
 
@@ -192,6 +235,22 @@ in
 
     assertions = [
       {
+        assertion = !untrusted || lib.versionAtLeast nixVersion "2.16";
+        message = ''
+          services.nixfarm.farm.trust is "untrusted", but this client's Nix is ${nixVersion}: its
+          build hook sends untrusted builders what they can build from Nix 2.16 on. Use Nix 2.16
+          or later (nix.package), or set services.nixfarm.farm.trust = "trusted" (README "Threat
+          model").
+        '';
+      }
+      {
+        assertion = signingKeyIsSafe;
+        message = ''
+          services.nixfarm.client.signingKeyFile must be an absolute path outside ${builtins.storeDir}
+          (the store is world-readable), e.g. "/var/lib/nixfarm-client/signing-key".
+        '';
+      }
+      {
         assertion = cfg.sshKey != null;
         message = ''
           services.nixfarm.client.sshKey is not set. Create a key as root with
@@ -232,6 +291,28 @@ in
         '';
       }
     ];
+
+    warnings = lib.optional (untrusted && (ownEntry.signingKey or null) == null) ''
+      services.nixfarm.farm.clients.${cfg.name}.signingKey is not set: the builders, which do not
+      trust their clients (services.nixfarm.farm.trust), will refuse inputs this client built
+      ("lacks a signature by a trusted key"). Set it to the contents of
+      ${cfg.signingKeyFile}.pub (made at boot; `systemctl status nixfarm-signing-key` shows it).
+    '';
+
+    # Sign what this client's Nix builds, for untrusted builders to accept it as input.
+    nix.settings.secret-key-files = mkIf untrusted [ cfg.signingKeyFile ];
+    systemd.services.nixfarm-signing-key = mkIf untrusted {
+      description = "nixfarm: this client's Nix signing key";
+      wantedBy = [ "multi-user.target" ];
+      # nix-daemon reads secret-key-files for every build it signs.
+      before = [ "nix-daemon.service" ];
+      requiredBy = [ "nix-daemon.service" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        ExecStart = makeSigningKey;
+      };
+    };
 
     nix.distributedBuilds = true;
     # The static fallback: nixpkgs writes it to /etc/nix/machines.

@@ -25,6 +25,21 @@ let
           half is {option}`services.nixfarm.client.sshKey` on the client.
         '';
       };
+      signingKey = mkOption {
+        type = types.nullOr (types.strMatching "[A-Za-z0-9._-]+:[A-Za-z0-9+/]{43}=");
+        default = null;
+        example = "laptop-nixfarm-1:Vbk9XFhMk3+9iWnH5Ylk0f2+0aHbc7vZJNnDsJKrwPA=";
+        description = ''
+          The client's Nix signing public key: the contents of
+          {file}`/var/lib/nixfarm-client/signing-key.pub` on the client (the
+          client module makes the key pair). With
+          {option}`services.nixfarm.farm.trust` `"untrusted"` the builders
+          trust store paths signed with it, and only those (and what they can
+          substitute or what is content-addressed): without it, a build whose
+          inputs this client built itself fails with "lacks a signature by a
+          trusted key".
+        '';
+      };
       role = mkOption {
         type = types.enum nixfarmLib.roles;
         default = nixfarmLib.clientDefaults.role;
@@ -152,6 +167,26 @@ let
 in
 {
   options.services.nixfarm.farm = {
+    trust = mkOption {
+      type = types.enum [
+        "untrusted"
+        "trusted"
+      ];
+      default = "trusted";
+      description = ''
+        Whether builders trust their clients' Nix; `"untrusted"` is the mode
+        for a farm shared with CI runners or anyone whose key may be stolen.
+        `"untrusted"` (Nix 2.16 or
+        later on builders and clients): the builder user is not in
+        `trusted-users`; a client cannot change the daemon's settings or add
+        store paths that are not signed with a client key in the inventory
+        ({option}`services.nixfarm.farm.clients.<name>.signingKey`).
+        `"trusted"` (the default, and the only mode for Nix before 2.16): the
+        builder user is a trusted user, which
+        Nix's manual calls essentially equivalent to root; a stolen client key
+        then owns every builder. README "Threat model".
+      '';
+    };
     clients = mkOption {
       type = types.attrsOf clientType;
       default = { };

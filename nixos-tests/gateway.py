@@ -38,9 +38,20 @@ with subtest("a pty is refused"):
     out = client.succeed(ssh_command("builder1", "nixfarm metrics --json", options="-tt") + " 2>&1")
     check("PTY allocation request failed" in out, f"a pty was allocated:\n{out}")
 
-with subtest("nix-daemon --stdio works, as a trusted user"):
+with subtest("nix-daemon --stdio works, as an untrusted user (services.nixfarm.farm.trust)"):
     out = client.succeed(f"{NIX} store info --store ssh-ng://builder1 2>&1")
-    check("Trusted: 1" in out, f"the builder user is not a trusted Nix user:\n{out}")
+    check("Trusted: 0" in out, f"the builder user is a trusted Nix user:\n{out}")
+    # What the client's Nix builds itself it signs (secret-key-files), and the builder takes
+    # it; a path built without that signature it refuses. (Built on the client: max-jobs 1.)
+    local = "nix-build --no-out-link --max-jobs 1 --builders ''"
+    signed = client.succeed(f"{local} {derivation(client, 'gateway-signed', hello_script('signed'))}").strip()
+    unsigned_drv = derivation(client, "gateway-unsigned", hello_script("unsigned"))
+    unsigned = client.succeed(f"{local} --option secret-key-files '' {unsigned_drv}").strip()
+    sigs = client.succeed(f"{NIX} path-info --sigs {signed}")
+    check("nixfarm-vm-test-only-client:" in sigs, f"the client did not sign {signed}: {sigs}")
+    client.succeed(f"{NIX} copy --to ssh-ng://builder1 {signed}")
+    out = client.fail(f"{NIX} copy --to ssh-ng://builder1 {unsigned} 2>&1")
+    check("lacks a signature by a trusted key" in out, f"an unsigned path was accepted:\n{out}")
     # The legacy protocol (ssh://, nix-store --serve --write) goes through too.
     client.succeed(f"{NIX} store info --store ssh://builder1")
 

@@ -22,6 +22,8 @@ in
     services.nixfarm.client = {
       enable = true;
       sshKey = "/etc/nix/nixfarm_ed25519";
+      # The test's pinned key (farm.nix), not one made at boot.
+      signingKeyFile = "/etc/nixfarm-test/signing-key";
     }
     // client;
     # The client's own key where sshKey says, and the other roles' keys for
@@ -30,6 +32,8 @@ in
       "nix/nixfarm_ed25519" = secret ./keys/client;
       "nixfarm-test/monitor_ed25519" = secret ./keys/monitor;
       "nixfarm-test/ops_ed25519" = secret ./keys/ops;
+      "nixfarm-test/signing-key" = secret ./keys/client_signing;
+      "nixfarm-test/signing-key.pub".source = ./keys/client_signing.pub;
     };
     # A client never builds locally here, so every build shows where the farm
     # sent it (as in nixpkgs' nixos/tests/nix/remote-build.nix).

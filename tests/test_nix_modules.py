@@ -212,6 +212,52 @@ def test_builder_prometheus_endpoint(facts: dict[str, Any]) -> None:
     assert {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"} == set(endpoint["addressFamilies"])
 
 
+# trust ----------------------------------------------------------------------------
+
+
+def test_untrusted_builders_trust_only_the_clients_signing_keys(facts: dict[str, Any]) -> None:
+    untrusted = facts["untrusted"]
+    builder = untrusted["builder"]
+    assert builder["failedAssertions"] == [] and builder["warnings"] == []
+    conf = conf_lines(builder["nixConf"])
+    assert conf["trusted-users"].split() == ["root"]  # not the builder user
+    assert set(conf["extra-trusted-public-keys"].split()) == {
+        "laptop-nixfarm-1:2C9lbTZtH4OgLE2mvlBlOhUiFqFQyLGLqMhylVeUvhE=",
+        "ci-nixfarm-1:6/rle0MoXo/hrWuf40UuuKT8IDamFEgUHa9YcRCApgM=",
+    }
+    assert conf["trusted-public-keys"].startswith("cache.nixos.org-1:")  # the caches' keys stay
+    # Trusted (the default): the builder user is a trusted user, no client keys.
+    trusted = conf_lines(untrusted["trustedBuilderConf"])
+    assert set(trusted["trusted-users"].split()) == {"root", "nixfarm"}
+    assert "extra-trusted-public-keys" not in trusted
+
+
+def test_untrusted_clients_sign_with_a_key_made_at_boot(facts: dict[str, Any]) -> None:
+    client = facts["untrusted"]["client"]
+    assert client["failedAssertions"] == [] and client["warnings"] == []
+    assert conf_lines(client["nixConf"])["secret-key-files"] == "/var/lib/nixfarm-client/signing-key"
+    unit = client["signingUnit"]
+    assert unit["Type"] == "oneshot" and unit["RemainAfterExit"] is True
+    assert unit["before"] == ["nix-daemon.service"] and unit["requiredBy"] == ["nix-daemon.service"]
+    if unit["script"]:  # the script's text, where the stand-in for pkgs keeps it
+        assert "--generate-binary-cache-key" in unit["script"] and " laptop-nixfarm-1 " in unit["script"]
+        assert "umask 077" in unit["script"]
+    if client["inventory"] is not None:
+        inventory = json.loads(client["inventory"])
+        assert inventory["trust"] == "untrusted"
+        assert inventory["signing_key_file"] == "/var/lib/nixfarm-client/signing-key"
+
+
+def test_untrusted_mode_names_what_is_missing(facts: dict[str, Any]) -> None:
+    untrusted = facts["untrusted"]
+    (warning,) = untrusted["unsignedWarnings"]
+    assert "services.nixfarm.farm.clients: ci have no signingKey" in warning
+    for failed in (untrusted["oldNixBuilder"], untrusted["oldNixClient"]):
+        message = "\n".join(failed)
+        assert "Nix is 2.15.3" in message and "2.16" in message
+        assert 'services.nixfarm.farm.trust = "trusted"' in message
+
+
 # client ----------------------------------------------------------------------
 
 

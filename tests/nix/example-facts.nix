@@ -79,6 +79,47 @@ in
     inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
   };
 
+  # Builders that do not trust their clients (services.nixfarm.farm.trust).
+  untrusted =
+    let
+      farmUntrusted = {
+        services.nixfarm.farm.trust = "untrusted";
+      };
+      builder = machine "builder" "big" [ farmUntrusted ];
+      client = machine "client" "laptop" [ farmUntrusted ];
+      unsigned = machine "builder" "big" [
+        farmUntrusted
+        { services.nixfarm.farm.clients.ci.signingKey = lib.mkForce null; }
+      ];
+      oldNix = role: host: machine role host [
+        farmUntrusted
+        { nix.package = lib.mkForce (builder.nix.package // { version = "2.15.3"; }); }
+      ];
+      signingUnit = client.systemd.services.nixfarm-signing-key;
+    in
+    {
+      builder = {
+        failedAssertions = failed builder;
+        inherit (builder) warnings;
+        nixConf = etcText builder "nix/nix.conf";
+      };
+      client = {
+        failedAssertions = failed client;
+        inherit (client) warnings;
+        nixConf = etcText client "nix/nix.conf";
+        inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
+        signingUnit = {
+          inherit (signingUnit) wantedBy before requiredBy;
+          inherit (signingUnit.serviceConfig) Type RemainAfterExit;
+          script = signingUnit.serviceConfig.ExecStart.text or "";
+        };
+      };
+      unsignedWarnings = unsigned.warnings;
+      oldNixBuilder = failed (oldNix "builder" "big");
+      oldNixClient = failed (oldNix "client" "laptop");
+      trustedBuilderConf = etcText (machine "builder" "big" [ ]) "nix/nix.conf";
+    };
+
   # The Prometheus endpoint on, on every address, open in the firewall.
   prometheus =
     let
