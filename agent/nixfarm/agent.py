@@ -9,13 +9,14 @@ tight loop. The control socket serves `nixfarm gc --now / --dry-run`.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 import time
 from typing import Any
 
-from . import control, demand, logs
+from . import control, demand, logs, relay
 from .config import AgentConfig
 from .gc import GarbageCollector, GcResult, filesystem, resolve_limits
 from .metrics import Collector, read_store_fs
@@ -41,6 +42,8 @@ class Agent:
         self.usage.load()
         self.gc = GarbageCollector(config, self.usage)
         self.stopping = False
+        self.streams: relay.StreamServer | None = None
+        self.last_snapshot: dict[str, Any] = {}
         self._worker: threading.Thread | None = None
         self._backoff = BACKOFF_FIRST
         self._retry_at = 0.0
@@ -80,11 +83,23 @@ class Agent:
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
+        self.streams = relay.start_server(
+            self.config.state_dir, self.config.control_group, self.config.snapshot_interval, self.log.warning
+        )
+        if self.streams:
+            streams = self.streams
+            self.collector.live_demand = lambda: streams.demand
         watchdog = watchdog_interval()
         # Sleep until the next thing is due (a check comes sooner below max-free),
         # and never longer than the watchdog allows between pings.
         longest_sleep = min(watchdog or self.interval, self.interval)
-        due = {"check": 0.0, "sample": 0.0, "status": 0.0, "save": time.monotonic() + SAVE_EVERY}
+        due = {
+            "check": 0.0,
+            "sample": 0.0,
+            "snapshot": 0.0,
+            "status": 0.0,
+            "save": time.monotonic() + SAVE_EVERY,
+        }
         last_status = ""
         try:
             while not self.stopping:
@@ -93,6 +108,9 @@ class Agent:
                     due["check"] = now + self._check_free_space()
                 if now >= due["sample"]:
                     due["sample"] = now + self._sample_usage()
+                if now >= due["snapshot"]:
+                    self._snapshot()
+                    due["snapshot"] = now + self.config.snapshot_interval
                 if now >= due["status"]:
                     status = self._status_line()
                     if status != last_status:
@@ -110,6 +128,8 @@ class Agent:
                 time.sleep(min(longest_sleep, max(0.01, min(due.values()) - time.monotonic())))
         finally:
             server.close()
+            if self.streams:
+                self.streams.close()
             self.gc.stop_requested = True
             if self._worker:
                 self._worker.join(timeout=60)
@@ -122,10 +142,16 @@ class Agent:
     def _stop(self, _signum: int, _frame: object) -> None:
         self.stopping = True
 
-    def _status_line(self) -> str:
-        snap = self.collector.snapshot()
+    def _snapshot(self) -> None:
+        """Take the builder's snapshot: one per snapshot_interval, for every stream (relay.py)."""
+        self.last_snapshot = self.collector.snapshot()
         for warning in self.collector.take_warnings():
             self.log.warning("%s", warning)
+        if self.streams:
+            self.streams.publish(json.dumps(self.last_snapshot, sort_keys=True).encode() + b"\n")
+
+    def _status_line(self) -> str:
+        snap = self.last_snapshot
         gc = "GC running, " if self._worker and self._worker.is_alive() else ""
         return (
             f"{gc}store {snap['store']['free_bytes'] / 2**20:.0f} MiB free, "
