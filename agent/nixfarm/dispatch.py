@@ -105,6 +105,10 @@ class Settings:
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
 
 
+class StreamEnded(OSError):
+    """The builder ended the stream (its end of the session closed)."""
+
+
 class BadSnapshot(Exception):
     """The stream sent something that is not a snapshot we can use."""
 
@@ -581,10 +585,20 @@ class Dispatcher:
             delay = state.retry_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            connected = time.time()
             try:
                 await self._stream(state)
                 reason = "stream ended"
                 outcome = "down"
+            except StreamEnded as e:
+                if state.last_seen is not None and state.last_seen >= connected and state.listed():
+                    # It ended after snapshots came, cleanly: the builder's agent restarted (it
+                    # serves the streams, relay.py), or the stream reached its longest. Not a
+                    # failure: connect again at once, keeping the last snapshot meanwhile.
+                    log.info("%s: %s; connecting again", state.builder.name, e)
+                    await asyncio.sleep(random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not security
+                    continue
+                reason, outcome = f"unreachable: {_describe(e)}", "down"
             except BadSnapshot as e:
                 reason, outcome = f"bad metrics: {e}", "degraded"
             except (TimeoutError, OSError, asyncssh.Error) as e:
@@ -625,7 +639,7 @@ class Dispatcher:
                 continue
             if not chunk:
                 err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
-                raise OSError(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
+                raise StreamEnded(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             if len(buffer) > MAX_LINE:
