@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def locked_elsewhere(path: Path) -> bool:
     return False
 
 
+def held_for_nix(directory: Path, name: str) -> bool:
+    return (directory / name).exists() and locked_elsewhere(directory / name)
+
+
 def busy(directory: Path, slots: int) -> list[int]:
     prefix = lock_prefixes(URI)[0]
     return [s for s in range(slots) if (directory / f"{prefix}-{s}").exists()
@@ -65,6 +70,44 @@ def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path) -> No
     assert busy(tmp_path, 4) == [0, 1]
     holds.release_all()
     assert busy(tmp_path, 4) == []
+
+
+def test_thousands_of_slots_are_held_with_a_few_open_files(tmp_path: Path) -> None:
+    """300 builders of 64 slots, each holding back 60 of its slots, in both namings: every
+    one of the 36,000 names is locked for Nix, and the dispatcher has a handful of files open."""
+    before = len(os.listdir("/proc/self/fd"))
+    holds = SlotHolds(str(tmp_path))
+    uris = [f"ssh-ng://nixfarm@10.202.{i // 250}.{i % 250}" for i in range(300)]
+    for uri in uris:
+        assert holds.hold(uri, 64, 60) == 60
+    assert holds.hold(uris[0], 64, 64) == 64  # all of one builder: slot 0 has a file of its own
+    opened = len(os.listdir("/proc/self/fd")) - before
+    # The held file, two slot-0 files, and the 6 old files of the slots just switched over.
+    assert opened == holds.open_files() == 9
+    for p in lock_prefixes(uris[1]):
+        assert [s for s in range(64) if held_for_nix(tmp_path, f"{p}-{s}")] == list(range(4, 64))
+    assert holds.hold(uris[1], 64, 2) == 2
+    prefix = lock_prefixes(uris[1])[0]
+    assert [s for s in range(64) if held_for_nix(tmp_path, f"{prefix}-{s}")] == [62, 63]
+    holds.release_all()
+    assert not any(locked_elsewhere(tmp_path / name) for name in os.listdir(tmp_path))
+
+
+def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path) -> None:
+    """Its linked names outlive it, but name a file nobody locks; the next dispatcher
+    links them to a file of its own."""
+    code = (f"from nixfarm.slots import SlotHolds; import sys, time; h = SlotHolds({str(tmp_path)!r}); "
+            f"h.hold({URI!r}, 4, 3); print('held', flush=True); time.sleep(60)")  # fmt: skip
+    dead = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert dead.stdout is not None and dead.stdout.readline() == "held\n"
+    assert busy(tmp_path, 4) == [1, 2, 3]
+    dead.kill()
+    dead.wait()
+    assert busy(tmp_path, 4) == []
+    holds = SlotHolds(str(tmp_path))
+    assert holds.hold(URI, 4, 2) == 2
+    assert busy(tmp_path, 4) == [2, 3]
+    holds.release_all()
 
 
 def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path) -> None:

@@ -28,11 +28,14 @@ import fcntl
 import hashlib
 import os
 import resource
+import tempfile
 import time
+from functools import cache
 
 DEFAULT_DIR = "/nix/var/nix/current-load"
 PROC_LOCKS = "/proc/locks"
-INODES_FOR = 10.0  # seconds a slot file's inode is trusted before it is looked up again
+INODES_FOR = 10.0  # seconds the lock files' names are trusted before the directory is read again
+LINKED = -1  # a held slot whose name links to the held file (SlotHolds)
 _BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's alphabet: no e, o, u, t
 
 
@@ -49,6 +52,7 @@ def nix_base32(data: bytes) -> str:
     return "".join(chars)
 
 
+@cache  # every builder's, at every poll of the hooks' locks
 def lock_prefixes(store_uri: str) -> tuple[str, str]:
     """The slot lock file names of `store_uri` without "-<slot>": CppNix's, Lix's."""
     escaped = store_uri.replace("/", "_")
@@ -85,80 +89,186 @@ def flocked_inodes(path: str = PROC_LOCKS) -> set[int]:
 
 
 class SlotHolds:
-    """The slot locks this process holds, per lock file prefix."""
+    """The slot locks this process holds, per lock file prefix.
+
+    A flock belongs to a file (an inode), not to a name, so one locked file
+    can hold any number of slots: each held slot's name is made a hard link
+    to `held_file`, which this process keeps locked with one descriptor. A
+    hook that opens the name finds it locked, as if each had its own. The
+    name is switched over atomically (rename) while the old file's lock is
+    taken, so a hook never finds the slot free in between; letting go
+    unlinks the name, and Nix's next open creates a fresh, free file. So a
+    dispatcher holds thousands of slots (300 builders of 64) with a few open
+    files, not one per slot and naming.
+
+    Slot 0 keeps a file of its own (an open descriptor, held only when a
+    builder gets nothing from this client): the hook's passes are counted by
+    watching each builder's slot-0 file (passes.py), which must stay that
+    builder's own.
+    """
+
+    HELD_NAME = "nixfarm-held"  # never a Nix name: those end in -<slot>, or are main-lock
 
     def __init__(self, directory: str = DEFAULT_DIR) -> None:
         self.directory = directory
-        self._held: dict[str, dict[int, int]] = {}  # prefix -> slot -> fd
-        self._inodes: dict[str, tuple[int, float]] = {}  # lock file name -> (inode, looked up at)
+        self._held: dict[str, dict[int, int]] = {}  # prefix -> slot -> fd (slot 0) or LINKED
+        self._held_fd: int | None = None
+        self._held_inode = 0
+        self._retired: list[int] = []  # the old files of slots switched over, closed at the next hold
+        self._names: dict[int, list[str]] = {}  # inode -> lock file names, from the last scan
+        self._scanned = -INODES_FOR
+        self._not_ours: set[int] = set()  # flocked inodes no scan found here (other files)
+        self._index: tuple[set[int], dict[str, list[tuple[int, str]]]] | None = None
         self._own_opens: dict[str, int] = {}  # lock file name -> opens since take_own_opens()
 
     def taken_by_nix(self, store_uri: str, slots: int, flocked: set[int]) -> frozenset[str]:
         """The lock files of slots 0..slots-1 of `store_uri` that someone else holds:
         Nix's hooks, for this client's builds in flight there. `flocked` is
         flocked_inodes(), read once for all builders."""
+        index = self._locked_names(flocked)
         taken = set()
         for prefix in lock_prefixes(store_uri):
             held = self._held.get(prefix, {})
-            for slot in range(slots):
-                name = f"{prefix}-{slot}"
-                if slot not in held and self._inode(name) in flocked:
+            for slot, name in index.get(prefix, ()):
+                if slot < slots and slot not in held:
                     taken.add(name)
         return frozenset(taken)
 
-    def _inode(self, name: str) -> int | None:
-        known = self._inodes.get(name)
+    def _locked_names(self, flocked: set[int]) -> dict[str, list[tuple[int, str]]]:
+        """prefix -> (slot, name) of the lock files someone holds a flock on now, from the
+        names of the directory (scanned every INODES_FOR s, or when a locked inode is new):
+        the cost goes with the locks held, not with the slots of every builder."""
+        if self._index is not None and self._index[0] is flocked:
+            return self._index[1]
         now = time.monotonic()
-        if known and now - known[1] < INODES_FOR:
-            return known[0]
-        try:
-            inode = os.stat(os.path.join(self.directory, name)).st_ino
-        except OSError:
-            return None  # no hook has opened it yet, so none holds it
-        self._inodes[name] = (inode, now)
-        return inode
+        unknown = flocked - self._names.keys() - self._not_ours - {self._held_inode}
+        if now - self._scanned > INODES_FOR or (unknown and now - self._scanned > 1.0):
+            self._scan(now)
+            self._not_ours = flocked - self._names.keys()
+        index: dict[str, list[tuple[int, str]]] = {}
+        for inode in flocked:
+            if inode == self._held_inode:
+                continue
+            for name in self._names.get(inode, ()):
+                prefix, _, slot = name.rpartition("-")
+                index.setdefault(prefix, []).append((int(slot), name))
+        self._index = (flocked, index)
+        return index
+
+    def _scan(self, now: float) -> None:
+        names: dict[int, list[str]] = {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.rpartition("-")[2].isdigit():
+                    names.setdefault(entry.inode(), []).append(entry.name)
+        self._names, self._scanned = names, now
 
     def hold(self, store_uri: str, slots: int, count: int) -> int:
         """Hold `count` of the slots 0..slots-1 of `store_uri` (the highest ones: Nix
         takes the lowest free one), releasing the rest. Slots that Nix holds for
         running builds cannot be taken; returns how many this process holds (the
         smallest over both namings)."""
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
         return min(self._hold(prefix, slots, count) for prefix in lock_prefixes(store_uri))
 
     def _hold(self, prefix: str, slots: int, count: int) -> int:
         held = self._held.setdefault(prefix, {})
         count = max(0, min(count, slots))
+        if len(held) == count and (not held or max(held) < slots):
+            return count  # as it is: the common case, every pass over every builder
         # Let go of slots beyond the capacity, then of the lowest ones (Nix tries those first).
         beyond = [slot for slot in held if slot >= slots]
         lowest = sorted(slot for slot in held if slot < slots)[: max(0, len(held) - len(beyond) - count)]
         for slot in beyond + lowest:
-            os.close(held.pop(slot))  # closing the file drops its flock
+            self._let_go(f"{prefix}-{slot}", held.pop(slot))
         for slot in range(slots - 1, -1, -1):
             if len(held) >= count:
                 break
-            if slot not in held and (fd := self._try_lock(f"{prefix}-{slot}")) is not None:
+            if slot not in held and (fd := self._try_lock(f"{prefix}-{slot}", slot)) is not None:
                 held[slot] = fd
         return len(held)
 
-    def _try_lock(self, name: str) -> int | None:
+    def _try_lock(self, name: str, slot: int) -> int | None:
         # As Nix opens it (O_CREAT, 0600); flock, as Nix's lockFile() does.
-        fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._own_opens[name] = self._own_opens.get(name, 0) + 1  # not a pass of Nix's hook (passes.py)
+        st = os.fstat(fd)
+        if st.st_ino == self._held_inode and slot != 0:
+            os.close(fd)
+            return LINKED  # linked to ours already
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
-        return fd
+        if slot == 0:
+            return fd
+        try:
+            # While we hold the old file, the name becomes a link to the held file: a hook
+            # that opened the old one finds it locked until the next hold() (its open and
+            # flock are microseconds apart), one that opens the name after finds ours.
+            link = os.path.join(self.directory, f".nixfarm-link-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            os.link(self._held_file(), link)
+            os.rename(link, path)
+        except OSError:
+            os.close(fd)
+            raise
+        if st.st_nlink > 1:
+            # The held file of a dispatcher that died, which its other links still name:
+            # kept locked, it would hold those too.
+            os.close(fd)
+        else:
+            self._retired.append(fd)
+        return LINKED
+
+    def _held_file(self) -> str:
+        """The file every linked slot names, locked by this process (made anew by each process:
+        the links a dispatcher that died left behind name a file nobody locks, free slots)."""
+        path = os.path.join(self.directory, self.HELD_NAME)
+        if self._held_fd is None:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".nixfarm-held-")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(tmp, path)
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._held_fd, self._held_inode = fd, os.fstat(fd).st_ino
+        return path
+
+    def _let_go(self, name: str, fd: int) -> None:
+        if fd != LINKED:
+            os.close(fd)  # closing the file drops its flock
+            return
+        path = os.path.join(self.directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == self._held_inode:
+                os.unlink(path)  # Nix's next open makes a fresh, unlocked file
 
     def take_own_opens(self) -> dict[str, int]:
         """How often this process opened each lock file since the last call."""
         opens, self._own_opens = self._own_opens, {}
         return opens
 
+    def open_files(self) -> int:
+        """The descriptors the holds take now (the held file, slot-0 files, old files to close)."""
+        own = sum(1 for held in self._held.values() for fd in held.values() if fd != LINKED)
+        return own + len(self._retired) + (self._held_fd is not None)
+
     def release_all(self) -> None:
-        for held in self._held.values():
-            for fd in held.values():
+        for prefix, held in self._held.items():
+            for slot, fd in held.items():
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    self._let_go(f"{prefix}-{slot}", fd)
+        for fd in [*self._retired, *([self._held_fd] if self._held_fd is not None else [])]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._held.clear()
+        self._retired, self._held_fd, self._held_inode = [], None, 0
