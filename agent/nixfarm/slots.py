@@ -24,6 +24,7 @@ busy and postpone its build for a whole poll interval.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -34,7 +35,12 @@ from functools import cache
 
 DEFAULT_DIR = "/nix/var/nix/current-load"
 PROC_LOCKS = "/proc/locks"
-INODES_FOR = 10.0  # seconds the lock files' names are trusted before the directory is read again
+# Seconds the lock files' names are trusted before the directory is read again (sooner when a
+# lock is held on a file not seen yet: a hook's first use of a slot).
+INODES_FOR = 60.0
+# Seconds between reads for flocks on files not seen yet: every Nix process flocks files of its
+# own (temp roots) on the same filesystem, and a read of thousands of names costs ~0.1 s.
+UNKNOWN_RESCAN = 10.0
 LINKED = -1  # a held slot whose name links to the held file (SlotHolds)
 _BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # Nix's alphabet: no e, o, u, t
 
@@ -67,24 +73,32 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def flocked_inodes(path: str = PROC_LOCKS) -> set[int]:
-    """The inode numbers of every file someone holds a flock on now.
+def flocked_inodes(path: str = PROC_LOCKS, device: bytes | None = None) -> set[int]:
+    """The inode numbers of every file someone holds a flock on now (on `device` only, if
+    given: its MAJOR:MINOR as /proc/locks writes it, SlotHolds.device()).
 
     A line is `N: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`;
-    one that waits for a lock has `->` after `N:`. The device is left out:
-    /proc/locks names the filesystem's, which on btrfs is not the one stat()
-    reports (each subvolume has its own), and another file with the same
-    inode number holding a flock at the same time is a rare, harmless
-    mistake (one build counted too many for an interval).
+    one that waits for a lock has `->` after `N:`. The device is left out
+    unless given: /proc/locks names the filesystem's, which on btrfs is not
+    the one stat() reports (each subvolume has its own), and another file
+    with the same inode number holding a flock at the same time is a rare,
+    harmless mistake (one build counted too many for an interval).
     """
     held = set()
-    with open(path) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 6 or fields[1] != "FLOCK":
-                continue
-            with contextlib.suppress(ValueError, IndexError):
-                held.add(int(fields[5].split(":")[2]))
+    # One large read: the kernel builds /proc/locks anew for every read() call (and waits
+    # for an RCU grace period each time), so reading it line by line costs much more.
+    with open(path, "rb", buffering=0) as f:
+        chunks = []
+        while chunk := f.read(1 << 20):
+            chunks.append(chunk)
+    for line in b"".join(chunks).splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != b"FLOCK":
+            continue
+        dev, _, inode = fields[5].rpartition(b":")
+        if device is None or dev == device:
+            with contextlib.suppress(ValueError):
+                held.add(int(inode))
     return held
 
 
@@ -109,17 +123,22 @@ class SlotHolds:
 
     HELD_NAME = "nixfarm-held"  # never a Nix name: those end in -<slot>, or are main-lock
 
-    def __init__(self, directory: str = DEFAULT_DIR) -> None:
+    def __init__(self, directory: str = DEFAULT_DIR, names: str = "both") -> None:
         self.directory = directory
+        # Which of lock_prefixes() the client's Nix uses: "nix" (CppNix), "lix", or "both".
+        self._namings = {"nix": (0,), "lix": (1,), "both": (0, 1)}[names]
         self._held: dict[str, dict[int, int]] = {}  # prefix -> slot -> fd (slot 0) or LINKED
         self._held_fd: int | None = None
         self._held_inode = 0
         self._retired: list[int] = []  # the old files of slots switched over, closed at the next hold
+        self._locked: dict[int, int] = {}  # fd -> inode of every file this process holds a flock on
         self._names: dict[int, list[str]] = {}  # inode -> lock file names, from the last scan
         self._scanned = -INODES_FOR
         self._not_ours: set[int] = set()  # flocked inodes no scan found here (other files)
         self._index: tuple[set[int], dict[str, list[tuple[int, str]]]] | None = None
         self._own_opens: dict[str, int] = {}  # lock file name -> opens since take_own_opens()
+        self._link_cleared = False
+        self._device: bytes | None = None
 
     def taken_by_nix(self, store_uri: str, slots: int, flocked: set[int]) -> frozenset[str]:
         """The lock files of slots 0..slots-1 of `store_uri` that someone else holds:
@@ -127,7 +146,7 @@ class SlotHolds:
         flocked_inodes(), read once for all builders."""
         index = self._locked_names(flocked)
         taken = set()
-        for prefix in lock_prefixes(store_uri):
+        for prefix in self._prefixes(store_uri):
             held = self._held.get(prefix, {})
             for slot, name in index.get(prefix, ()):
                 if slot < slots and slot not in held:
@@ -141,8 +160,8 @@ class SlotHolds:
         if self._index is not None and self._index[0] is flocked:
             return self._index[1]
         now = time.monotonic()
-        unknown = flocked - self._names.keys() - self._not_ours - {self._held_inode}
-        if now - self._scanned > INODES_FOR or (unknown and now - self._scanned > 1.0):
+        unknown = flocked - self._names.keys() - self._not_ours - self.own_inodes()
+        if now - self._scanned > INODES_FOR or (unknown and now - self._scanned > UNKNOWN_RESCAN):
             self._scan(now)
             self._not_ours = flocked - self._names.keys()
         index: dict[str, list[tuple[int, str]]] = {}
@@ -159,7 +178,7 @@ class SlotHolds:
         names: dict[int, list[str]] = {}
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if entry.name.rpartition("-")[2].isdigit():
+                if entry.name.rpartition("-")[2].isdigit() and not entry.name.startswith("."):
                     names.setdefault(entry.inode(), []).append(entry.name)
         self._names, self._scanned = names, now
 
@@ -169,9 +188,13 @@ class SlotHolds:
         running builds cannot be taken; returns how many this process holds (the
         smallest over both namings)."""
         for fd in self._retired:
-            os.close(fd)
+            self._close(fd)
         self._retired = []
-        return min(self._hold(prefix, slots, count) for prefix in lock_prefixes(store_uri))
+        return min(self._hold(prefix, slots, count) for prefix in self._prefixes(store_uri))
+
+    def _prefixes(self, store_uri: str) -> list[str]:
+        both = lock_prefixes(store_uri)
+        return [both[i] for i in self._namings]
 
     def _hold(self, prefix: str, slots: int, count: int) -> int:
         held = self._held.setdefault(prefix, {})
@@ -192,7 +215,7 @@ class SlotHolds:
 
     def _try_lock(self, name: str, slot: int) -> int | None:
         # As Nix opens it (O_CREAT, 0600); flock, as Nix's lockFile() does.
-        path = os.path.join(self.directory, name)
+        path = f"{self.directory}/{name}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._own_opens[name] = self._own_opens.get(name, 0) + 1  # not a pass of Nix's hook (passes.py)
         st = os.fstat(fd)
@@ -204,24 +227,34 @@ class SlotHolds:
         except BlockingIOError:
             os.close(fd)
             return None
+        self._locked[fd] = st.st_ino
+        self._names.setdefault(st.st_ino, [name])  # the slot's own file, which a hook may lock later
         if slot == 0:
             return fd
         try:
             # While we hold the old file, the name becomes a link to the held file: a hook
             # that opened the old one finds it locked until the next hold() (its open and
-            # flock are microseconds apart), one that opens the name after finds ours.
-            link = os.path.join(self.directory, f".nixfarm-link-{os.getpid()}")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(link)
+            # flock are microseconds apart), one that opens the name after finds ours. The
+            # old file is kept under a name of ours, to be put back when the slot is let go:
+            # creating files in a directory of thousands of links cost ~0.5 ms each (ext4).
+            link, stash = self._link_name(), self._stash_name(name)
+            try:
+                os.link(path, stash)
+            except FileExistsError:  # left by a dispatcher that died
+                os.unlink(stash)
+                os.link(path, stash)
             os.link(self._held_file(), link)
             os.rename(link, path)
-        except OSError:
-            os.close(fd)
+        except OSError as e:
+            self._close(fd)
+            self._link_cleared = False  # a link may be left under the temporary name
+            if e.errno == errno.EMLINK:  # the held file has all the links it may have
+                return self._try_lock(name, 0) if slot else None
             raise
         if st.st_nlink > 1:
             # The held file of a dispatcher that died, which its other links still name:
             # kept locked, it would hold those too.
-            os.close(fd)
+            self._close(fd)
         else:
             self._retired.append(fd)
         return LINKED
@@ -245,12 +278,46 @@ class SlotHolds:
 
     def _let_go(self, name: str, fd: int) -> None:
         if fd != LINKED:
-            os.close(fd)  # closing the file drops its flock
+            self._close(fd)  # closing the file drops its flock
             return
-        path = os.path.join(self.directory, name)
+        path = f"{self.directory}/{name}"
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == self._held_inode:
-                os.unlink(path)  # Nix's next open makes a fresh, unlocked file
+                try:
+                    os.rename(self._stash_name(name), path)  # the slot's own file, unlocked, back
+                except FileNotFoundError:
+                    os.unlink(path)  # Nix's next open makes a fresh, unlocked file
+
+    def _stash_name(self, name: str) -> str:
+        return f"{self.directory}/.nixfarm-own-{name}"  # never a Nix name (a dot)
+
+    def _link_name(self) -> str:
+        """A temporary name for a new link (always renamed away; one a dead process left is not)."""
+        path = f"{self.directory}/.nixfarm-link-{os.getpid()}"
+        if not self._link_cleared:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._link_cleared = True
+        return path
+
+    def _close(self, fd: int) -> None:
+        self._locked.pop(fd, None)
+        os.close(fd)
+
+    def device(self) -> bytes | None:
+        """The MAJOR:MINOR /proc/locks writes for the files here (learnt from the held file's
+        lock, once it is taken), or None while it is not known."""
+        if self._device is None and self._held_fd is not None:
+            with contextlib.suppress(OSError), open(PROC_LOCKS, "rb", buffering=0) as f:
+                for line in f.read(1 << 22).splitlines():
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[5].endswith(b":%d" % self._held_inode):
+                        self._device = fields[5].rpartition(b":")[0]
+        return self._device
+
+    def own_inodes(self) -> set[int]:
+        """The inodes of the files this process holds a flock on (in /proc/locks, not Nix's)."""
+        return {self._held_inode, *self._locked.values()}
 
     def take_own_opens(self) -> dict[str, int]:
         """How often this process opened each lock file since the last call."""
@@ -271,4 +338,4 @@ class SlotHolds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._held.clear()
-        self._retired, self._held_fd, self._held_inode = [], None, 0
+        self._retired, self._held_fd, self._held_inode, self._locked = [], None, 0, {}
