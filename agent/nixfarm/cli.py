@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval, how far ahead the dispatcher looks for slots about to free up",
     )
     p.add_argument(
+        "--lock-names",
+        choices=("both", "nix", "lix"),
+        default="both",
+        help="whose slot lock file names to hold: Nix's (CppNix 2.x), Lix's, or both (the default; "
+        "the client module passes the one its Nix uses)",
+    )
+    p.add_argument(
         "--current-load",
         default="/nix/var/nix/current-load",
         metavar="DIR",
@@ -515,7 +522,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "user Nix builds as (root with nix-daemon)"
         )
     raise_open_file_limit()
-    holds = SlotHolds(args.current_load)
+    holds = SlotHolds(args.current_load, args.lock_names)
     return run_dispatch(inventory, args.machines, settings, status_path(args.machines), holds)
 
 
