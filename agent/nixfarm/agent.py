@@ -83,9 +83,7 @@ class Agent:
         server = control.ControlServer(
             control.socket_path(self.config.state_dir), self.config.control_group, self.handle
         )
-        self.streams = relay.start_server(
-            self.config.state_dir, self.config.control_group, self.config.snapshot_interval, self.log.warning
-        )
+        self.streams = relay.start_server(self.config, self.log.warning)
         if self.streams:
             streams = self.streams
             self.collector.live_demand = lambda: streams.demand

@@ -37,10 +37,13 @@ import threading
 import time
 
 from .demand import Lines, is_count
+from .gateway import CLIENT_NAME
 
 TYPE_CHECKING = False  # see cli.py: this runs in every stream session
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from .config import AgentConfig
 
 SOCKET_NAME = "stream.sock"
 MAX_REQUEST = 1024  # bytes of a hand-over request
@@ -122,7 +125,13 @@ class _Stream:
     """One client's stream, served by the agent."""
 
     def __init__(
-        self, conn: socket.socket, stdin: int, stdout: int, request: dict[str, object], now: float
+        self,
+        conn: socket.socket,
+        stdin: int,
+        stdout: int,
+        request: dict[str, object],
+        now: float,
+        max_seconds: float,
     ) -> None:
         self.conn, self.stdin, self.stdout = conn, stdin, stdout
         self.interval = float(request["interval"])  # type: ignore[arg-type]
@@ -130,7 +139,7 @@ class _Stream:
         self.client = client if isinstance(client, str) else None
         count = request.get("count")
         self.left = count if isinstance(count, int) and count > 0 else None
-        self.ends = now + float(request["seconds"])  # type: ignore[arg-type]
+        self.ends = now + min(float(request["seconds"]), max_seconds)  # type: ignore[arg-type]
         self.lines = Lines()
         self.sent_at: float | None = None
         self.behind = b""  # the part of a line a full pipe did not take yet
@@ -139,8 +148,11 @@ class _Stream:
 class StreamServer:
     """Serves every handed-over stream from the snapshots `publish()` is given, in one thread."""
 
-    def __init__(self, path: str, group: str, snapshot_interval: float, max_streams: int) -> None:
+    def __init__(
+        self, path: str, group: str, snapshot_interval: float, max_streams: int, max_seconds: float
+    ) -> None:
         self.path = path
+        self.max_seconds = max_seconds  # the longest a stream runs (the config's stream_max_seconds)
         self.snapshot_interval = snapshot_interval
         self.max_streams = max_streams
         self.demand: dict[str, int] = {}  # the live streams' clients' counts (replaced, never changed)
@@ -227,7 +239,7 @@ class StreamServer:
                 conn.sendall(f"no: {refusal}\n".encode())
                 raise OSError(refusal)
             request = json.loads(data)
-            stream = _Stream(conn, fds[0], fds[1], request, time.monotonic())
+            stream = _Stream(conn, fds[0], fds[1], request, time.monotonic(), self.max_seconds)
             conn.sendall(b"ok\n")
         except (OSError, ValueError):
             for fd in fds:
@@ -257,6 +269,9 @@ class StreamServer:
             return "not a stream request"
         if not self.snapshot_interval <= interval <= 86400 or not seconds > 0:
             return f"interval {interval:g} s: this agent takes a snapshot every {self.snapshot_interval:g} s"
+        client = request.get("client")
+        if client is not None and not (isinstance(client, str) and CLIENT_NAME.fullmatch(client)):
+            return "not a client name"
         if len(self._streams) >= self.max_streams:
             return f"serving {len(self._streams)} streams already"
         return ""
@@ -310,9 +325,7 @@ class StreamServer:
             self.demand = {k: v for k, v in self.demand.items() if k != stream.client}
 
 
-def start_server(
-    state_dir: str, group: str, snapshot_interval: float, warn: Callable[[str], None]
-) -> StreamServer | None:
+def start_server(config: AgentConfig, warn: Callable[[str], None]) -> StreamServer | None:
     """The agent's stream server, or None (with a warning) where it cannot run."""
     import resource
 
@@ -321,8 +334,11 @@ def start_server(
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     max_streams = max(0, min(hard, 1 << 20) - 256) // 3
+    path = socket_path(config.state_dir)
     try:
-        return StreamServer(socket_path(state_dir), group, snapshot_interval, max_streams)
+        return StreamServer(
+            path, config.control_group, config.snapshot_interval, max_streams, config.stream_max_seconds
+        )
     except (OSError, KeyError) as e:  # KeyError: no such group
-        warn(f"cannot serve streams from {socket_path(state_dir)} (each stream takes its own snapshots): {e}")
+        warn(f"cannot serve streams from {path} (each stream takes its own snapshots): {e}")
         return None
