@@ -93,6 +93,15 @@ def test_thousands_of_slots_are_held_with_a_few_open_files(tmp_path: Path) -> No
     assert not any(locked_elsewhere(tmp_path / name) for name in os.listdir(tmp_path))
 
 
+def test_only_the_naming_of_the_client_s_nix_is_held_when_it_is_known(tmp_path: Path) -> None:
+    cppnix, lix = lock_prefixes(URI)
+    holds = SlotHolds(str(tmp_path), "nix")
+    assert holds.hold(URI, 4, 2) == 2
+    assert [s for s in range(4) if held_for_nix(tmp_path, f"{cppnix}-{s}")] == [2, 3]
+    assert not any(name.startswith(lix) for name in os.listdir(tmp_path))
+    holds.release_all()
+
+
 def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path) -> None:
     """Its linked names outlive it, but name a file nobody locks; the next dispatcher
     links them to a file of its own."""
@@ -134,6 +143,9 @@ def test_the_locks_another_process_holds_are_read_from_proc_locks(tmp_path: Path
         while not holds.taken_by_nix(URI, 4, flocked_inodes()) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert holds.taken_by_nix(URI, 4, flocked_inodes()) == {f"{prefix}-0"}
+        # The same from the locks on this directory's filesystem only, as the dispatcher reads them.
+        assert holds.device() is not None
+        assert holds.taken_by_nix(URI, 4, flocked_inodes(device=holds.device())) == {f"{prefix}-0"}
         assert not (tmp_path / f"{prefix}-1").exists()  # reading opens (and locks) nothing
     finally:
         os.killpg(hook.pid, signal.SIGKILL)
