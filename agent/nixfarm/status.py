@@ -75,8 +75,9 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
     return out
 
 
-def render(status: dict[str, Any], now: float) -> Any:
-    """A rich Table of the status."""
+def render(status: dict[str, Any], now: float, limit: int | None = None) -> Any:
+    """A rich Table of the status; with `limit`, at most that many builders (the ones not
+    healthy first) and a line saying how many more there are, without the lines Nix sees."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -85,6 +86,11 @@ def render(status: dict[str, Any], now: float) -> Any:
     table = Table(title=f"nixfarm: builders of client {status.get('client', '?')} "
                   f"(updated {_ago(status.get('updated'), now)})")  # fmt: skip
     data = rows(status, now)
+    left_out = 0
+    if limit is not None and len(data) > limit:
+        order = {"down": 0, "degraded": 1}
+        data = sorted(data, key=lambda row: order.get(row["state"], 2))
+        left_out, data = len(data) - limit, data[:limit]
     columns = (
         "builder", "state", "jobs", "mine", "held back", "ahead", "load", "cpu psi", "free disk", "gc",
         "last seen", "reason",
@@ -94,6 +100,10 @@ def render(status: dict[str, Any], now: float) -> Any:
     for row in data:
         colour = colours.get(row["state"], "white")
         table.add_row(*[f"[{colour}]{row[c]}[/]" if c == "state" else row[c] for c in columns])
+    if left_out:
+        healthy = sum(1 for b in status["builders"] if b["state"] == "healthy")
+        note = f"{left_out} more builders ({healthy} healthy in all); `nixfarm status` lists every one"
+        return Group(table, Text(note, style="dim"))
     # The lines are long (key path, base64 host key): below the table, unfolded.
     lines = Text(f"\nwhat Nix sees in {status.get('machines_file', '?')}:\n", style="bold")
     for row in data:
@@ -114,7 +124,13 @@ def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
     if not watch:
         console.print(render(read_status(path), time.time()))
         return 0
-    with Live(render(read_status(path), time.time()), console=console, refresh_per_second=2) as live:
+    def screen() -> Any:
+        # As many builders as fit (a row is one line, the table's frame and title ~6 more):
+        # rich draws the whole renderable before it crops it to the screen.
+        return render(read_status(path), time.time(), limit=max(5, console.size.height - 8))
+
+    # Drawn once a second, when the "ago" columns change; not also by rich's own refresh thread.
+    with Live(screen(), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(1)
-            live.update(render(read_status(path), time.time()))
+            live.update(screen(), refresh=True)
