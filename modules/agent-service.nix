@@ -57,7 +57,9 @@
     TimeoutStartSec = "60s";
 
     # /var/lib/nixfarm, 0755: the gateway (the builder user) reads GC state
-    # there; the control socket in it is 0660 with the control_group.
+    # there; the control socket and the stream socket (streams hand their
+    # session to the agent, which serves them all one snapshot) in it are
+    # 0660 with the control_group.
     StateDirectory = "nixfarm";
     StateDirectoryMode = "0755";
     UMask = "0022";

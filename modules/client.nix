@@ -410,6 +410,9 @@ in
             # a builder may hold ahead (README "The formula").
             "--build-poll-interval"
             (toString config.nix.settings.build-poll-interval)
+            # Hold only the slot lock files this Nix reads (Lix names them its own way).
+            "--lock-names"
+            (if lib.getName config.nix.package == "lix" then "lix" else "nix")
           ]
           ++ cfg.dispatcher.extraArgs
         );

@@ -83,3 +83,46 @@ def test_old_or_broken_records_are_no_record(tmp_path: Path) -> None:
     path.write_text(json.dumps({"finished": [[time.time(), -1.0], [time.time(), 2.5]]}))
     record = read_builds_record(str(tmp_path))
     assert record is not None and [t for _, t in record] == [2.5]  # a negative duration is dropped
+
+
+def test_a_process_is_looked_at_again_while_young_and_then_kept(tmp_path: Path) -> None:
+    """The process table reads a process when it appears and while it may still setuid() or
+    exec(); an old one is not read again (the look that made snapshots cost 100 ms with 3,000
+    processes), until it exits."""
+    from nixfarm.metrics import ProcessTable
+
+    table = ProcessTable(frozenset({BUILD_USER}), proc=str(tmp_path))
+    put_process(tmp_path, 200, 0, started_ago(1.0))  # Nix's build child, still root
+    put_process(tmp_path, 201, 0, started_ago(60.0))  # an old root process
+    table.look()
+    assert table.builds() == {}
+    os.chown(tmp_path / "200", BUILD_USER, -1)  # it setuid()s to its build user
+    os.chown(tmp_path / "201", BUILD_USER, -1)  # (an old process cannot; were it to, unseen)
+    table.look()
+    assert set(table.builds()) == {BUILD_USER}
+    assert len(table._kinds) == 2 and not table._young  # both settled now
+    (tmp_path / "200" / "stat").unlink()
+    (tmp_path / "200").rmdir()
+    table.look()
+    assert table.builds() == {} and list(table._kinds) == [201]
+
+
+def test_sessions_are_the_gateway_s_nix_processes_and_never_a_build_user_s(tmp_path: Path) -> None:
+    """A build session is nix-daemon or nix-store with NIXFARM_CLIENT in its environment (the
+    gateway sets it). As root the agent reads everyone's, but a build could name any client."""
+    from nixfarm.metrics import ProcessTable
+
+    def session(pid: int, uid: int, comm: str, client: str) -> None:
+        put_process(tmp_path, pid, uid, started_ago(30.0))
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) S {' '.join(['0'] * 17)} 100 0\n")
+        (tmp_path / str(pid) / "environ").write_bytes(f"HOME=/\0NIXFARM_CLIENT={client}\0".encode())
+
+    session(300, 1000, "nix-daemon", "alice")
+    session(301, 1000, "nix-store", "alice")
+    session(302, 1000, "nix-daemon", "bob")
+    session(303, 1000, "python3", "carol")  # not a Nix session
+    session(304, BUILD_USER, "nix-daemon", "mallory")  # a build pretending
+    table = ProcessTable(frozenset({BUILD_USER}), proc=str(tmp_path))
+    table.look()
+    assert os.geteuid() == 0  # the harness runs as root, as the agent does
+    assert table.sessions() == {"alice": 2, "bob": 1}

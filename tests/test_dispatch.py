@@ -259,3 +259,33 @@ def test_readers_never_see_a_partial_machines_file(tmp_path: Path) -> None:
         done.set()
         writer.join()
     assert len(seen) == 2  # it really was rewritten while we read
+
+
+def test_a_builder_stays_listed_while_its_agent_restarts(farm: Farm) -> None:
+    """The agent serves the streams (relay.py): when it stops they end, cleanly. The dispatcher
+    connects again at once, without counting a failure; the new stream takes its own snapshots
+    until the agent is back, then hands itself over."""
+    from test_stream import gateways_and_waiters
+
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"})
+    agent = farm.start_agent(b, "--interval", "1")
+    dispatcher = Dispatcher(farm, [b])
+    try:
+        dispatcher.wait("listed", lambda: dispatcher.listed() == {"b1"})
+        dispatcher.wait("served by the agent", lambda: gateways_and_waiters(b) == (0, 1))
+        assert farm.stop_agent(b, agent) == 0
+        listed = []
+        deadline = time.monotonic() + 4 * INTERVAL
+        while time.monotonic() < deadline:
+            listed.append(dispatcher.listed() == {"b1"})
+            time.sleep(0.05)
+        assert all(listed)
+        assert gateways_and_waiters(b) == (1, 0)  # a stream of its own meanwhile
+        farm.start_agent(b, "--interval", "1")
+        dispatcher.wait("served by the agent again", lambda: gateways_and_waiters(b) == (0, 1))
+        status = dispatcher.status()["b1"]
+        assert status["state"] == "healthy" and status["failures"] == 0
+        assert "connecting again" in dispatcher.log.read_text()
+    finally:
+        dispatcher.stop()

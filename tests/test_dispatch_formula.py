@@ -342,3 +342,19 @@ def test_a_client_stops_competing_only_once_nothing_has_waited_for_a_reaction() 
     assert state.waiting == 3
     state.saw_waiting(0, now=13.1)
     assert state.waiting == 0
+
+
+def test_the_watch_shows_the_builders_in_trouble_first_and_says_how_many_it_left_out() -> None:
+    """`nixfarm status --watch` draws what fits the screen: the builders that are not healthy
+    first, then a line counting the rest (rich draws a whole table before it crops it)."""
+    from rich.console import Console
+
+    from nixfarm.status import render
+
+    builders = [{"name": f"b{i:03}", "state": "healthy", "line": f"line {i}"} for i in range(300)]
+    builders[250]["state"], builders[251]["state"] = "down", "degraded"
+    console = Console(width=200, record=True)
+    console.print(render({"builders": builders, "client": "alice"}, 0.0, limit=10))
+    text = console.export_text()
+    assert "b250" in text and "b251" in text and "b009" not in text
+    assert "290 more builders (298 healthy in all)" in text

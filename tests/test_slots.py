@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def locked_elsewhere(path: Path) -> bool:
     return False
 
 
+def held_for_nix(directory: Path, name: str) -> bool:
+    return (directory / name).exists() and locked_elsewhere(directory / name)
+
+
 def busy(directory: Path, slots: int) -> list[int]:
     prefix = lock_prefixes(URI)[0]
     return [s for s in range(slots) if (directory / f"{prefix}-{s}").exists()
@@ -63,6 +68,53 @@ def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path) -> No
     assert busy(tmp_path, 4) == [0, 1]
     holds.release_all()
     assert busy(tmp_path, 4) == []
+
+
+def test_thousands_of_slots_are_held_with_a_few_open_files(tmp_path: Path) -> None:
+    """300 builders of 64 slots, each holding back 60 of its slots, in both namings: every
+    one of the 36,000 names is locked for Nix, and the dispatcher has a handful of files open."""
+    before = len(os.listdir("/proc/self/fd"))
+    holds = SlotHolds(str(tmp_path))
+    uris = [f"ssh-ng://nixfarm@10.202.{i // 250}.{i % 250}" for i in range(300)]
+    for uri in uris:
+        assert holds.hold(uri, 64, 60) == 60
+    assert holds.hold(uris[0], 64, 64) == 64  # all of one builder: slot 0 has a file of its own
+    opened = len(os.listdir("/proc/self/fd")) - before
+    # The held file, two slot-0 files, and the 6 old files of the slots just switched over.
+    assert opened == holds.open_files() == 9
+    for p in lock_prefixes(uris[1]):
+        assert [s for s in range(64) if held_for_nix(tmp_path, f"{p}-{s}")] == list(range(4, 64))
+    assert holds.hold(uris[1], 64, 2) == 2
+    prefix = lock_prefixes(uris[1])[0]
+    assert [s for s in range(64) if held_for_nix(tmp_path, f"{prefix}-{s}")] == [62, 63]
+    holds.release_all()
+    assert not any(locked_elsewhere(tmp_path / name) for name in os.listdir(tmp_path))
+
+
+def test_only_the_naming_of_the_client_s_nix_is_held_when_it_is_known(tmp_path: Path) -> None:
+    cppnix, lix = lock_prefixes(URI)
+    holds = SlotHolds(str(tmp_path), "nix")
+    assert holds.hold(URI, 4, 2) == 2
+    assert [s for s in range(4) if held_for_nix(tmp_path, f"{cppnix}-{s}")] == [2, 3]
+    assert not any(name.startswith(lix) for name in os.listdir(tmp_path))
+    holds.release_all()
+
+
+def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path) -> None:
+    """Its linked names outlive it, but name a file nobody locks; the next dispatcher
+    links them to a file of its own."""
+    code = (f"from nixfarm.slots import SlotHolds; import sys, time; h = SlotHolds({str(tmp_path)!r}); "
+            f"h.hold({URI!r}, 4, 3); print('held', flush=True); time.sleep(60)")  # fmt: skip
+    dead = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert dead.stdout is not None and dead.stdout.readline() == "held\n"
+    assert busy(tmp_path, 4) == [1, 2, 3]
+    dead.kill()
+    dead.wait()
+    assert busy(tmp_path, 4) == []
+    holds = SlotHolds(str(tmp_path))
+    assert holds.hold(URI, 4, 2) == 2
+    assert busy(tmp_path, 4) == [2, 3]
+    holds.release_all()
 
 
 def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path) -> None:
@@ -89,6 +141,9 @@ def test_the_locks_another_process_holds_are_read_from_proc_locks(tmp_path: Path
         while not holds.taken_by_nix(URI, 4, flocked_inodes()) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert holds.taken_by_nix(URI, 4, flocked_inodes()) == {f"{prefix}-0"}
+        # The same from the locks on this directory's filesystem only, as the dispatcher reads them.
+        assert holds.device() is not None
+        assert holds.taken_by_nix(URI, 4, flocked_inodes(device=holds.device())) == {f"{prefix}-0"}
         assert not (tmp_path / f"{prefix}-1").exists()  # reading opens (and locks) nothing
     finally:
         os.killpg(hook.pid, signal.SIGKILL)

@@ -9,13 +9,14 @@ tight loop. The control socket serves `nixfarm gc --now / --dry-run`.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 import time
 from typing import Any
 
-from . import control, demand, logs, sessions
+from . import control, demand, logs, relay, sessions
 from .accounts import Accountant
 from .config import AgentConfig, split_listen
 from .exporter import Exporter
@@ -46,6 +47,8 @@ class Agent:
         self.accounts = Accountant(config.state_dir, self.collector.build_uids)
         self.accounts.load()
         self.stopping = False
+        self.streams: relay.StreamServer | None = None
+        self.last_snapshot: dict[str, Any] = {}
         self._worker: threading.Thread | None = None
         self._backoff = BACKOFF_FIRST
         self._retry_at = 0.0
@@ -97,11 +100,21 @@ class Agent:
         )
         self.accounts.start()
         exporter = self._start_exporter()
+        self.streams = relay.start_server(self.config, self.log.warning)
+        if self.streams:
+            streams = self.streams
+            self.collector.live_demand = lambda: streams.demand
         watchdog = watchdog_interval()
         # Sleep until the next thing is due (a check comes sooner below max-free),
         # and never longer than the watchdog allows between pings.
         longest_sleep = min(watchdog or self.interval, self.interval)
-        due = {"check": 0.0, "sample": 0.0, "status": 0.0, "save": time.monotonic() + SAVE_EVERY}
+        due = {
+            "check": 0.0,
+            "sample": 0.0,
+            "snapshot": 0.0,
+            "status": 0.0,
+            "save": time.monotonic() + SAVE_EVERY,
+        }
         last_status = ""
         try:
             while not self.stopping:
@@ -110,6 +123,9 @@ class Agent:
                     due["check"] = now + self._check_free_space()
                 if now >= due["sample"]:
                     due["sample"] = now + self._sample_usage()
+                if now >= due["snapshot"]:
+                    self._snapshot()
+                    due["snapshot"] = now + self.config.snapshot_interval
                 if now >= due["status"]:
                     status = self._status_line()
                     if status != last_status:
@@ -130,6 +146,8 @@ class Agent:
             server.close()
             if exporter:
                 exporter.close()
+            if self.streams:
+                self.streams.close()
             self.gc.stop_requested = True
             if self._worker:
                 self._worker.join(timeout=60)
@@ -144,10 +162,16 @@ class Agent:
     def _stop(self, _signum: int, _frame: object) -> None:
         self.stopping = True
 
-    def _status_line(self) -> str:
-        snap = self.collector.snapshot()
+    def _snapshot(self) -> None:
+        """Take the builder's snapshot: one per snapshot_interval, for every stream (relay.py)."""
+        self.last_snapshot = self.collector.snapshot()
         for warning in self.collector.take_warnings():
             self.log.warning("%s", warning)
+        if self.streams:
+            self.streams.publish(json.dumps(self.last_snapshot, sort_keys=True).encode() + b"\n")
+
+    def _status_line(self) -> str:
+        snap = self.last_snapshot
         gc = "GC running, " if self._worker and self._worker.is_alive() else ""
         return (
             f"{gc}store {snap['store']['free_bytes'] / 2**20:.0f} MiB free, "
@@ -179,13 +203,13 @@ class Agent:
         if not self.config.prometheus_listen:
             return None
         host, port = split_listen(self.config.prometheus_listen)
-        scrapes = Collector(self.config)  # its own: scrapes come from another thread
-        lock = threading.Lock()
 
         def text() -> str:
-            with lock:
-                snapshot = scrapes.snapshot()
-            return render(snapshot, self.accounts.report(None)["clients"])
+            # The agent's latest snapshot (one per snapshot_interval, as the streams get):
+            # a scrape costs no look at the machine of its own.
+            if not self.last_snapshot:
+                raise RuntimeError("no snapshot yet")
+            return render(self.last_snapshot, self.accounts.report(None)["clients"])
 
         try:
             exporter = Exporter(host, port, text)

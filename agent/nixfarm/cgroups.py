@@ -10,12 +10,14 @@ memory.usage_in_bytes and memory.limit_in_bytes.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 # v1 reports "no limit" as a huge page-aligned number; anything this large is no cap.
 V1_UNLIMITED = 1 << 62
 UINT64_MAX = (1 << 64) - 1
+SEARCH_EVERY = 30.0  # seconds between searches for a nix-daemon that was not found
 
 
 def _read_int_file(path: str) -> int | None:
@@ -131,6 +133,7 @@ class DaemonMemoryReader:
         self._unit = unit
         self._systemd: Any = None
         self._pid: int | None = None
+        self._searched = -SEARCH_EVERY  # when /proc was last searched for nix-daemon (monotonic)
         if os.path.isdir("/run/systemd/system"):
             self._systemd = _connect_systemd(unit)
 
@@ -169,6 +172,10 @@ class DaemonMemoryReader:
 
     def _read_files(self) -> dict[str, Any]:
         if self._pid is None or not _is_nix_daemon(self._pid):
+            # A search reads every process's stat: not at every snapshot while there is none.
+            if time.monotonic() - self._searched < SEARCH_EVERY:
+                raise OSError("no nix-daemon process found")
+            self._searched = time.monotonic()
             self._pid = find_nix_daemon_pid()
         if self._pid is None:
             raise OSError("no nix-daemon process found")

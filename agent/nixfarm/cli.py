@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, NoReturn
 
+    from .demand import ClientDemand
+
+RELAY_RETRY = 30.0  # seconds between a stream's tries to hand itself over to the agent
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, not a usage block."""
@@ -173,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="the client Nix's build-poll-interval (default 1, as the client module sets it): with "
         "--interval, how far ahead the dispatcher looks for slots about to free up",
+    )
+    p.add_argument(
+        "--lock-names",
+        choices=("both", "nix", "lix"),
+        default="both",
+        help="whose slot lock file names to hold: Nix's (CppNix 2.x), Lix's, or both (the default; "
+        "the client module passes the one its Nix uses)",
     )
     p.add_argument(
         "--current-load",
@@ -367,21 +378,17 @@ def _stdin_is_a_session() -> bool:
 
 
 class _Input:
-    """The stream's stdin: its end ends the stream; its lines may carry the client's demand.
-
-    Input is untrusted and bounded: lines over demand.MAX_LINE bytes, and
-    anything but `demand N`, are dropped.
-    """
+    """The stream's stdin: its end ends the stream; its lines may carry the client's demand
+    (demand.Lines)."""
 
     def __init__(self, watch: bool) -> None:
+        from . import demand  # not at the top: the gateway's path to nix-daemon stays short
+
         self.watch = watch
-        self._partial = b""
-        self._discarding = False  # inside a line too long to be ours, until its newline
+        self._lines = demand.Lines()
 
     def wait(self, timeout: float, on_demand: Callable[[int], None]) -> bool:
         """Read stdin for up to `timeout` s; True once a watched stdin reaches its end."""
-        from . import demand  # not at the top: the gateway's path to nix-daemon stays short
-
         deadline = time.monotonic() + timeout
         if not self.watch:
             time.sleep(timeout)
@@ -396,15 +403,8 @@ class _Input:
                 return True
             if not data:
                 return True
-            *lines, self._partial = (self._partial + data).split(b"\n")
-            if self._discarding and lines:
-                lines, self._discarding = lines[1:], False  # the rest of a line too long to be ours
-            if len(self._partial) > demand.MAX_LINE:
-                self._partial, self._discarding = b"", True
-            for line in lines:
-                count = demand.parse_line(line) if len(line) <= demand.MAX_LINE else None
-                if count is not None:
-                    on_demand(count)
+            for count in self._lines.feed(data):
+                on_demand(count)
         return False
 
 
@@ -421,18 +421,50 @@ def run_stream(
     `demand N` line on stdin is kept as that client's builds waiting for a
     machine (demand.py); other input is ignored. With `viewer`, other clients'
     names are hidden (privacy.py).
+
+    In an SSH session the agent service serves the stream from its own
+    snapshots (relay.py); where none answers, this process takes its own,
+    and hands over as soon as one does.
     """
-    from . import demand
-    from .metrics import Collector
-    from .privacy import snapshot_for
+    from . import relay
 
     # A session may also end with SIGHUP: that means "done", quietly. (SIGPIPE
     # stays ignored, as Python sets it, so a gone reader is a BrokenPipeError.)
     signal.signal(signal.SIGHUP, lambda *_: os._exit(0))
-    stdin = _Input(_stdin_is_a_session())
+    session = _stdin_is_a_session()
+    cat = relay.waiter() if session else None
+    deadline = time.monotonic() + config.stream_max_seconds
+
+    retry_at = 0.0
+
+    def try_hand_over(sent: int) -> None:
+        """If the agent takes the session, wait for it in `cat` (never returns)."""
+        nonlocal retry_at
+        now = time.monotonic()
+        if not cat or now < retry_at or now >= deadline:
+            return
+        if not os.path.exists(relay.socket_path(config.state_dir)):
+            return  # no agent serves streams here (a stat per interval to notice one)
+        left = None if count is None else count - sent
+        waiting = kept.waiting if kept else None
+        conn = relay.hand_over(config.state_dir, interval, client, left, deadline - now, waiting, viewer)
+        if conn is None:
+            retry_at = now + RELAY_RETRY  # it refused (or did not answer): not at every interval
+            return
+        if kept:
+            kept.remove()  # the agent keeps this client's demand now
+        relay.wait_for_agent(conn, cat)
+
+    kept: ClientDemand | None = None
+    try_hand_over(0)
+
+    from . import demand
+    from .metrics import Collector
+    from .privacy import snapshot_for
+
+    stdin = _Input(session)
     collector = Collector(config)
     kept = demand.ClientDemand(config.state_dir, client) if client else None
-    deadline = time.monotonic() + config.stream_max_seconds
     sent = 0
     try:
         while True:
@@ -454,6 +486,7 @@ def run_stream(
                 return 0
             if time.monotonic() >= deadline or stdin.wait(interval, kept.set if kept else lambda _: None):
                 return 0
+            try_hand_over(sent)
     finally:
         if kept:
             kept.remove()
@@ -583,7 +616,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             "user Nix builds as (root with nix-daemon)"
         )
     raise_open_file_limit()
-    holds = SlotHolds(args.current_load)
+    holds = SlotHolds(args.current_load, args.lock_names)
     return run_dispatch(inventory, args.machines, settings, status_path(args.machines), holds)
 
 

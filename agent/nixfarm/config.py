@@ -37,6 +37,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_free": (int, str),
     "gc_check_interval": (int, float),
     "usage_sample_interval": (int, float),
+    "snapshot_interval": (int, float),
     "control_group": str,
     "share_client_names": bool,
     "prometheus_listen": str,
@@ -70,6 +71,9 @@ class AgentConfig:
     # Seconds between free-space checks (a statvfs: cheap) and usage samples.
     gc_check_interval: float = 1.0
     usage_sample_interval: float = 1.0
+    # Seconds between the agent's snapshots, which it serves to every stream of at least
+    # this interval (relay.py); streams of a shorter one take their own.
+    snapshot_interval: float = 1.0
     # Group allowed to use the agent's control socket (gc --now / --dry-run); "": root only.
     control_group: str = ""
     # May a metrics-role key see other clients' names (running builds, accounts)?
@@ -119,7 +123,7 @@ def parse_config(data: Any, source: str) -> AgentConfig:
     for key in ("min_free", "max_free"):
         if isinstance(values.get(key), str) and values[key] != "":
             _check_limit(values[key], f"{source}: key {key!r}")
-    for key in ("stream_max_seconds", "gc_check_interval", "usage_sample_interval"):
+    for key in ("stream_max_seconds", "gc_check_interval", "usage_sample_interval", "snapshot_interval"):
         if not 0 < values.get(key, 1) < math.inf:
             raise ConfigError(f"{source}: key {key!r} must be a positive number of seconds")
     if values.get("prometheus_listen"):

@@ -41,6 +41,27 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WAITING
 
 
+class Lines:
+    """A stream's stdin as `demand N` counts: input is untrusted and bounded.
+
+    Lines over MAX_LINE bytes, and anything but `demand N`, are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._discarding = False  # inside a line too long to be ours, until its newline
+
+    def feed(self, data: bytes) -> list[int]:
+        """The counts of the whole lines `data` completes."""
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if self._discarding and lines:
+            lines, self._discarding = lines[1:], False  # the rest of a line too long to be ours
+        if len(self._partial) > MAX_LINE:
+            self._partial, self._discarding = b"", True
+        counts = (parse_line(line) if len(line) <= MAX_LINE else None for line in lines)
+        return [count for count in counts if count is not None]
+
+
 def parse_line(line: bytes) -> int | None:
     """The count of a `demand N` line, or None if it is anything else."""
     words = line.split()

@@ -58,6 +58,10 @@ HOOK_POLL = 0.05
 ACCOUNTS_EVERY = 60.0  # seconds between asking each builder for its accounts (usage)
 ACCOUNTS_TIMEOUT = 30.0
 STOP_WITHIN = 5.0  # seconds the SSH sessions get to close when the dispatcher stops
+LOCKS_EVERY = 1.0  # seconds between reads of the hooks' slot locks while no hook passes
+BUSY_FOR = 1.0  # seconds the locks are read at every poll after a hook passed
+COUNT_EVERY = 0.25  # seconds between counts of the waiting builds when no hook passed (passes.py)
+STATUS_EVERY = 1.0  # seconds between status writes while only the load changes
 
 log = logging.getLogger("nixfarm.dispatch")
 
@@ -105,6 +109,10 @@ class Settings:
         """Delay before attempt number `failures + 1`, with +-20% jitter."""
         delay = min(self.backoff_base * self.backoff_factor ** max(0, failures - 1), self.backoff_max)
         return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+
+
+class StreamEnded(OSError):
+    """The builder ended the stream (its end of the session closed)."""
 
 
 class BadSnapshot(Exception):
@@ -270,9 +278,12 @@ class BuilderState:
         self._waited_at = 0.0  # when a build last waited for it
         self.told: int | None = None
         self.stream_input: asyncssh.SSHWriter[bytes] | None = None
+        self.held_for: tuple[object, ...] | None = None  # what its slots were last held for (hold_slots)
+        self.snapshots = 0  # how many came
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float) -> None:
         self.snapshot, self.last_seen, self.failures = snap, now, 0
+        self.snapshots += 1
         self.stalled = False
         # A new snapshot, a new budget (allowance()).
         self.in_flight_at_snapshot, self.sent_since_snapshot = self.in_flight or 0, 0
@@ -419,10 +430,15 @@ class Dispatcher:
         self._written: str | None = None
         self._usable: tuple[str, ...] | None = None
         self._hold_problem = ""  # the last slot-holding failure logged (each once)
+        self._status_states: tuple[tuple[object, ...], ...] = ()  # the builders' states last written
+        self._status_at = 0.0
+        self._status_due = False  # a change not written to the status yet
         self._changed = asyncio.Event()
         # The maxJobs of every line; it never shrinks (see width()). It starts at
         # the static lines' widest, which hooks may have read before we wrote.
         self._width = max((b.max_jobs for b in inventory.builders), default=0)
+        self._generation, self._width_at = 0, -1  # changes seen; the one the width was worked out at
+        self._content: tuple[object, str] | None = None  # the machines file's last inputs and content
 
     def width(self) -> int:
         """The maxJobs every listed builder gets: at least the largest capacity.
@@ -436,7 +452,9 @@ class Dispatcher:
         allowance held, and the holds take the highest slots first, so every
         width up to the current one sees the same allowance.
         """
-        self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
+        if self._width_at != self._generation:  # a state changed since it was last worked out
+            self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
+            self._width_at = self._generation
         return self._width
 
     def line_slots(self, held: bool) -> dict[str, int]:
@@ -470,11 +488,20 @@ class Dispatcher:
         """Rewrite the machines file if its content changed; always refresh the status."""
         held = self.hold_slots()  # before the file lists more free slots than Nix may take
         slots = self.line_slots(held)
-        content = self.machines_content(slots)
+        inputs = (slots, tuple((s.listed(), s.capacity()) for s in self.states.values()))
+        if self._content is None or self._content[0] != inputs:
+            self._content = (inputs, self.machines_content(slots))
+        content = self._content[1]
         if content != self._written:
             write_atomic(self.machines_path, content.encode())
             self._written = content
             self._log_usable()
+        # The status: at once when a builder's state changed, else at most every STATUS_EVERY s
+        # (with hundreds of builders it is megabytes of JSON, and the loads change all the time).
+        states = tuple((s.state, s.reason, s.failures, s.stalled) for s in self.states.values())
+        if states == self._status_states and time.monotonic() - self._status_at < STATUS_EVERY:
+            self._status_due = True
+            return
         status = {
             "client": self.inventory.client_name,
             "machines_file": self.machines_path,
@@ -483,7 +510,9 @@ class Dispatcher:
             "width": self.width(),
             "builders": [s.status(self.inventory, slots[name]) for name, s in self.states.items()],
         }
-        write_atomic(self.status_path, json.dumps(status).encode())
+        # Not durable: a status a moment old is worth nothing after a crash.
+        write_atomic(self.status_path, json.dumps(status).encode(), durable=False)
+        self._status_states, self._status_at, self._status_due = states, time.monotonic(), False
 
     def hold_slots(self) -> bool:
         """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance.
@@ -494,10 +523,17 @@ class Dispatcher:
         width = self.width()
         held = True
         for state in self.states.values():
+            # What the allowance depends on: unchanged, the holds are as they should be.
+            inputs = (state.snapshots, state.state, state.stalled, state.in_flight,
+                      state.in_flight_at_snapshot, state.sent_since_snapshot, width)  # fmt: skip
+            if inputs == state.held_for:
+                continue
             allowed = state.allowance(self.inventory.client_name)
             try:
                 self.holds.hold(state.builder.store_uri, width, width - allowed)
+                state.held_for = inputs
             except OSError as e:
+                state.held_for = None
                 held = False
                 problem = f"cannot hold slots of {state.builder.name} in {self.holds.directory}: {e}"
                 if problem != self._hold_problem:
@@ -520,6 +556,7 @@ class Dispatcher:
             log.info("usable builders: %s (%d of %d)", ", ".join(usable), len(usable), len(self.states))
 
     def changed(self) -> None:
+        self._generation += 1
         self._changed.set()
 
     async def run(self) -> None:
@@ -529,7 +566,11 @@ class Dispatcher:
         tasks.append(asyncio.create_task(self.watch_hooks()))
         try:
             while True:
-                await self._changed.wait()
+                try:
+                    async with asyncio.timeout(STATUS_EVERY if self._status_due else None):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass  # a status change left unwritten: publish() writes it now
                 self._changed.clear()
                 self.publish()
                 await asyncio.sleep(0.05)  # coalesce bursts of updates into one write
@@ -547,30 +588,47 @@ class Dispatcher:
         Also count its builds waiting for a machine (the hook's passes) and tell the builders."""
         problem = ""
         passes = self._hook_passes()
+        seen: tuple[frozenset[int] | None, int] | None = None  # others' locks and the width last looked at
+        counted = read_at = 0.0
+        flocked: set[int] | None = None
         while True:
             await asyncio.sleep(HOOK_POLL)
             now = time.monotonic()
-            try:
-                flocked: set[int] | None = flocked_inodes()
-                problem = ""
-            except OSError as e:
-                flocked = None
-                if f"{e}" != problem:
-                    log.warning("cannot read %s (%s): allowances go by the snapshots alone", PROC_LOCKS, e)
-                problem = f"{e}"
-            width = self.width()
-            changed = False
-            for state in self.states.values():
-                uri = state.builder.store_uri
-                taken = None if flocked is None else self.holds.taken_by_nix(uri, width, flocked)
-                moved, new = state.saw_hooks(taken)
-                changed = changed or moved
-                if passes is not None:
-                    passes.took(now, new)
-            if changed:
-                self.hold_slots()
-            if passes is not None:
+            # The waiting builds: at every pass of a hook, and as the last ones age out.
+            if passes is not None and (passes.pending() or now - counted >= COUNT_EVERY):
+                counted = now
                 passes = self._count_waiting(passes, now)
+            # /proc/locks is read while hooks pass (a hook takes its slot in a pass) and every
+            # LOCKS_EVERY s otherwise (builds ending): each read costs the kernel an RCU grace
+            # period and locks out every flock meanwhile.
+            busy = passes is None or now - passes.passed_at < BUSY_FOR
+            if busy or now - read_at >= LOCKS_EVERY:
+                read_at = now
+                try:
+                    flocked = flocked_inodes(device=self.holds.device())
+                    problem = ""
+                except OSError as e:
+                    flocked = None
+                    if f"{e}" != problem:
+                        log.warning("cannot read %s (%s): allowances go by the snapshots alone",
+                                    PROC_LOCKS, e)  # fmt: skip
+                    problem = f"{e}"
+            width = self.width()
+            # Every builder is looked at only when a lock not ours came or went: with hundreds
+            # of builders, 20 times a second, most of the dispatcher's time went here.
+            others = None if flocked is None else frozenset(flocked - self.holds.own_inodes())
+            if (others, width) != seen:
+                seen = (others, width)
+                changed = False
+                for state in self.states.values():
+                    uri = state.builder.store_uri
+                    taken = None if flocked is None else self.holds.taken_by_nix(uri, width, flocked)
+                    moved, new = state.saw_hooks(taken)
+                    changed = changed or moved
+                    if passes is not None:
+                        passes.took(now, new)
+                if changed:
+                    self.hold_slots()
 
     def _hook_passes(self) -> HookPasses | None:
         try:
@@ -604,10 +662,20 @@ class Dispatcher:
             delay = state.retry_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            connected = time.time()
             try:
                 await self._stream(state)
                 reason = "stream ended"
                 outcome = "down"
+            except StreamEnded as e:
+                if state.last_seen is not None and state.last_seen >= connected and state.listed():
+                    # It ended after snapshots came, cleanly: the builder's agent restarted (it
+                    # serves the streams, relay.py), or the stream reached its longest. Not a
+                    # failure: connect again at once, keeping the last snapshot meanwhile.
+                    log.info("%s: %s; connecting again", state.builder.name, e)
+                    await asyncio.sleep(random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not security
+                    continue
+                reason, outcome = f"unreachable: {_describe(e)}", "down"
             except BadSnapshot as e:
                 reason, outcome = f"bad metrics: {e}", "degraded"
             except (TimeoutError, OSError, asyncssh.Error) as e:
@@ -667,7 +735,7 @@ class Dispatcher:
                 continue
             if not chunk:
                 err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
-                raise OSError(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
+                raise StreamEnded(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             if len(buffer) > MAX_LINE:

@@ -35,7 +35,7 @@ ROLES = ("build", "metrics", "admin")
 MAX_COMMAND_BYTES = 4096
 # Everything a legitimate command needs; no quote, $, ;, &, |, <, >, `, *, newline...
 _PLAIN = re.compile(r"[A-Za-z0-9 ._/=:,+-]*")
-_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Searched in order for nix-daemon and nix-store. Fixed on purpose: the session's
 # PATH is whatever sshd set, and we do not want it to decide what runs.
 NIX_BIN_PATH = (
@@ -233,7 +233,7 @@ def resolve_program(name: str, config: AgentConfig) -> str:
 
 def validate_invocation(client: str, role: str) -> None:
     """Check the forced command's own arguments (written by the admin, not the client)."""
-    if not _CLIENT_NAME.fullmatch(client):
+    if not CLIENT_NAME.fullmatch(client):
         raise UsageError(f"--client {client!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     if role not in ROLES:
         raise UsageError(f"--role {role!r}: must be one of {', '.join(ROLES)}")

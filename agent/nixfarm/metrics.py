@@ -19,11 +19,12 @@ import pwd
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import cgroups, version
 from .atomic import write_atomic
-from .attribution import scan_builds
+from .attribution import AUTO_UID_BLOCK, AUTO_UID_START
 from .config import AgentConfig
 from .demand import read_demand
 from .errors import EnvironmentProblem
@@ -106,17 +107,105 @@ def build_user_uids(group: str) -> frozenset[int]:
     return frozenset(uids)
 
 
-def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int, int]:
-    """The builds running now: build user -> when its oldest process started.
+class ProcessTable:
+    """The processes a snapshot counts (builds and build sessions), kept between snapshots.
 
-    Nix runs each build under its own build user (or its own block of
-    auto-allocated UIDs, keyed here as a negative number) and kills every
-    process of that user when the build ends, so the distinct build users
-    with a process are the builds running. The start time (clock ticks since
-    boot, /proc/PID/stat field 22) tells a build from the next one that
-    reuses its build user.
+    Listing /proc is cheap (its names); opening every process's files is
+    not: with 3,000 processes a full look took ~45 ms, most of a snapshot.
+    So each process is looked at when it first appears, and again while it
+    is young (SETTLE seconds): the moments a process can still turn into a
+    build (Nix's build child setuid()s to its build user right after fork)
+    or into a build session (the gateway exec()s nix-daemon or nix-store).
+    After that its kind is kept until it exits. Every REFRESH seconds all
+    are looked at again, in case a PID was reused between two looks.
+
+    Kinds: a build (its build user, or auto-allocated UID block as a
+    negative key, and its start time: /proc/PID/stat field 22, clock ticks
+    since boot), a build session (the client the gateway named in its
+    environment), or nothing.
     """
-    return {key: build.started for key, build in scan_builds(build_uids, proc).items()}
+
+    SETTLE = 10.0  # seconds: older processes have done their setuid() and exec()
+    REFRESH = 300.0
+
+    def __init__(self, build_uids: frozenset[int], proc: str = "/proc") -> None:
+        self._build_uids = build_uids
+        self._proc = proc
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._me = os.geteuid()
+        self._kinds: dict[int, tuple[str, Any, int] | None] = {}  # pid -> (kind, key, start) or None
+        self._young: set[int] = set()
+        self._refreshed = 0.0
+
+    def look(self) -> None:
+        """Bring the table up to date with /proc."""
+        pids = {int(name) for name in os.listdir(self._proc) if name.isdigit()}
+        if time.monotonic() - self._refreshed > self.REFRESH:
+            self._kinds, self._young, self._refreshed = {}, set(), time.monotonic()
+        for pid in self._kinds.keys() - pids:
+            del self._kinds[pid]
+        self._young &= pids
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock /proc start times count on
+        for pid in (pids - self._kinds.keys()) | self._young:
+            self._young.discard(pid)
+            try:
+                self._kinds[pid] = self._classify(pid, now)
+            except (OSError, IndexError, ValueError):  # it exited while we looked
+                self._kinds.pop(pid, None)
+
+    def _classify(self, pid: int, now: float) -> tuple[str, Any, int] | None:
+        """What `pid` is: a build, a build session or (None) nothing we count."""
+        uid = os.stat(f"{self._proc}/{pid}").st_uid
+        with open(f"{self._proc}/{pid}/stat", "rb") as f:
+            text = f.read()
+        # After the command name, which may hold spaces and ')'.
+        comm = text[text.find(b"(") + 1 : text.rfind(b")")]
+        started = int(text.rpartition(b")")[2].split()[19])
+        if uid in self._build_uids:
+            return ("build", uid, started)
+        if uid >= AUTO_UID_START:
+            return ("build", -1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK, started)
+        if now - started / self._tick < self.SETTLE:
+            self._young.add(pid)
+        # Build sessions: ours, or as root anyone's but a build user's (builds are untrusted
+        # code, and could name any client).
+        if comm.decode(errors="replace") in SESSION_PROGRAMS and (self._me == 0 or uid == self._me):
+            client = _session_client(f"{self._proc}/{pid}/environ")
+            if client is not None:
+                self._young.discard(pid)
+                return ("session", client, started)
+        return None
+
+    def builds(self) -> dict[int, int]:
+        """The builds running now: build user -> when its oldest process started.
+
+        Nix runs each build under its own build user (or its own block of
+        auto-allocated UIDs) and kills every process of that user when the
+        build ends, so the distinct build users with a process are the builds
+        running. The start time tells a build from the next one that reuses
+        its build user.
+        """
+        builds: dict[int, int] = {}
+        for kind in self._kinds.values():
+            if kind is not None and kind[0] == "build":
+                _, key, started = kind
+                builds[key] = min(started, builds.get(key, started))
+        return builds
+
+    def sessions(self) -> dict[str, int]:
+        """Open build sessions per client (see sessions_by_client)."""
+        counts: dict[str, int] = {}
+        for kind in self._kinds.values():
+            if kind is not None and kind[0] == "session":
+                counts[kind[1]] = counts.get(kind[1], 0) + 1
+        return counts
+
+
+def running_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int, int]:
+    """The builds running now (ProcessTable.builds), from one full look at /proc."""
+    table = ProcessTable(build_uids, proc)
+    table.look()
+    return table.builds()
 
 
 BUILDS_RECORD = "builds.json"  # in the agent's state_dir: builds that finished, as it saw them
@@ -138,8 +227,7 @@ class BuildHistory:
     KEEP_FOR = 600.0  # seconds: what ran ten minutes ago says little about now
 
     def __init__(self, build_uids: frozenset[int], proc: str = "/proc") -> None:
-        self._build_uids = build_uids
-        self._proc = proc
+        self.table = ProcessTable(build_uids, proc)
         self._tick = os.sysconf("SC_CLK_TCK")
         self._running: dict[tuple[int, int], float] = {}  # (build user, start) -> last seen
         self._finished: deque[tuple[float, float]] = deque(maxlen=self.KEEP)  # (ended, seconds)
@@ -148,7 +236,8 @@ class BuildHistory:
     def look(self) -> dict[str, Any]:
         """The snapshot's `builds` numbers now: active, ages_seconds, finished."""
         now = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock /proc start times count on
-        builds = running_builds(self._build_uids, self._proc)
+        self.table.look()
+        builds = self.table.builds()
         running = {(key, started): now for key, started in builds.items()}
         for build, last_seen in self._running.items():
             if build not in running:
@@ -203,29 +292,25 @@ def sessions_by_client(proc: str = "/proc") -> dict[str, int]:
     The gateway execs nix-daemon --stdio / nix-store --serve with NIXFARM_CLIENT
     in the environment; Nix's build hook holds one such session per remote
     build. We can read the environment of our own processes (the gateway runs
-    as the builder user) or of all of them as root.
+    as the builder user) or, as root, of all of them (but the build users':
+    ProcessTable).
     """
-    me = os.geteuid()
-    counts: dict[str, int] = {}
-    with os.scandir(proc) as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                if me != 0 and entry.stat(follow_symlinks=False).st_uid != me:
-                    continue
-                with open(f"{proc}/{entry.name}/comm", "rb") as f:
-                    if f.read().strip().decode(errors="replace") not in SESSION_PROGRAMS:
-                        continue
-                with open(f"{proc}/{entry.name}/environ", "rb") as f:
-                    environ = f.read(1 << 20)
-            except OSError:
-                continue
-            for var in environ.split(b"\0"):
-                if var.startswith(CLIENT_VAR):
-                    client = var[len(CLIENT_VAR) :].decode(errors="replace")
-                    counts[client] = counts.get(client, 0) + 1
-    return counts
+    table = ProcessTable(frozenset(), proc)
+    table.look()
+    return table.sessions()
+
+
+def _session_client(environ_path: str) -> str | None:
+    """The client a session process's environment names, if any."""
+    try:
+        with open(environ_path, "rb") as f:
+            environ = f.read(1 << 20)
+    except OSError:
+        return None
+    for var in environ.split(b"\0"):
+        if var.startswith(CLIENT_VAR):
+            return var[len(CLIENT_VAR) :].decode(errors="replace")
+    return None
 
 
 def gc_limits(config: AgentConfig, store: dict[str, Any], nix: NixSettings) -> dict[str, int | None]:
@@ -263,31 +348,39 @@ def read_gc_state(state_dir: str) -> dict[str, Any]:
 
 
 class NetworkCounters:
-    """Bytes received and sent on the builder's interfaces, read over netlink."""
+    """Bytes received and sent on the builder's interfaces.
 
-    def __init__(self, interfaces: tuple[str, ...]) -> None:
-        from pyroute2 import IPRoute  # ~130 ms to import: only where metrics are taken
+    From /proc/net/dev, the kernel's per-interface 64-bit counters (the same
+    as netlink's IFLA_STATS64) for the reader's network namespace: one small
+    read, where a netlink link dump through pyroute2 cost ~4 ms per snapshot
+    and ~130 ms and ~16 MiB to import.
+    """
 
-        self._ipr = IPRoute()
+    def __init__(self, interfaces: tuple[str, ...], path: str = "/proc/self/net/dev") -> None:
+        self._path = path
         self._interfaces = set(interfaces)
         self._last: tuple[float, int, int] | None = None
+        with open(path, "rb"):  # unreadable here: no counters, said once at the start
+            pass
 
     def close(self) -> None:
-        self._ipr.close()
+        pass
 
     def read(self) -> dict[str, Any]:
         """Counters since boot, and rates since the previous read (None on the first)."""
         rx = tx = 0
-        for link in self._ipr.get_links():
-            name = link.get_attr("IFLA_IFNAME")
-            if self._interfaces and name not in self._interfaces:
+        with open(self._path, "rb") as f:
+            lines = f.read(1 << 20).splitlines()[2:]  # after the two header lines
+        for line in lines:
+            name, _, counters = line.partition(b":")
+            ifname = name.strip().decode(errors="replace")
+            if (self._interfaces and ifname not in self._interfaces) or (
+                not self._interfaces and ifname == "lo"
+            ):
                 continue
-            if not self._interfaces and name == "lo":
-                continue
-            stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
-            if stats:
-                rx += stats["rx_bytes"]
-                tx += stats["tx_bytes"]
+            fields = counters.split()
+            rx += int(fields[0])  # receive bytes
+            tx += int(fields[8])  # transmit bytes
         now = time.monotonic()
         rates: dict[str, float | None] = {"rx_bytes_per_second": None, "tx_bytes_per_second": None}
         if self._last is not None and now > self._last[0]:
@@ -307,6 +400,9 @@ class Collector:
         self.config = config
         self.warnings: list[str] = []
         self._warned: set[str] = set()
+        # The demand of clients whose streams the agent serves itself (relay.py), beside
+        # the records of the streams that run on their own.
+        self.live_demand: Callable[[], dict[str, int]] | None = None
         self.build_uids = build_user_uids(config.build_users_group)
         # One record of builds per process: the agent's service loop looks through it too.
         self.builds = BuildHistory(self.build_uids)
@@ -343,7 +439,7 @@ class Collector:
             "nix_daemon_memory": memory,
             "builds": {
                 **self._look_at_builds(),
-                "sessions_by_client": sessions_by_client(),
+                "sessions_by_client": self.builds.table.sessions(),
                 **self._demand(),
             },
             "nix_config": {
@@ -373,7 +469,9 @@ class Collector:
     def _demand(self) -> dict[str, Any]:
         """The clients' builds waiting for a machine, where the agent keeps them (demand.py)."""
         counts = read_demand(self.config.state_dir)
-        return {} if counts is None else {"demand_by_client": counts}
+        if self.live_demand is not None:
+            counts = {**(counts or {}), **self.live_demand()}
+        return {} if counts is None else {"demand_by_client": dict(sorted(counts.items()))}
 
     def take_warnings(self) -> list[str]:
         """Warnings not reported before: a stream says each problem once, not every interval."""

@@ -21,6 +21,7 @@ one-builder farm would otherwise be.
 from __future__ import annotations
 
 import os
+import select
 from collections import deque
 
 from .inotify import IN_IGNORED, IN_OPEN, IN_Q_OVERFLOW, Inotify
@@ -42,6 +43,7 @@ class HookPasses:
         self._opens: dict[str, deque[float]] = {}  # store URI -> times of its slot-0 opens
         self._took: deque[float] = deque(maxlen=KEEP)  # when this client's hooks took slots
         self.lost = False  # the kernel dropped events (queue overflow): counts are low
+        self.passed_at = -1e9  # when a hook's pass was last seen (an open not this process's)
 
     def close(self) -> None:
         self._inotify.close()
@@ -68,6 +70,10 @@ class HookPasses:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._watches[self._inotify.add_watch(path, IN_OPEN)] = uri  # the same wd if watched already
 
+    def pending(self) -> bool:
+        """Whether opens are queued that read() has not taken yet (a hook passed)."""
+        return bool(select.select([self._inotify.fileno()], [], [], 0)[0])
+
     def read(self, now: float, own: dict[str, int]) -> None:
         """Take the opens the kernel has queued, as happening `now`.
 
@@ -89,6 +95,7 @@ class HookPasses:
                 skip[uri] -= 1
                 continue
             self._opens[uri].append(now)
+            self.passed_at = now
 
     def took(self, now: float, slots: int) -> None:
         """This client's hooks took `slots` slots (on any builder) by `now` (slots.py)."""

@@ -94,8 +94,10 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def render(status: dict[str, Any], now: float) -> Any:
-    """A rich Table of the status, then each builder's reason and what Nix sees."""
+def render(status: dict[str, Any], now: float, limit: int | None = None) -> Any:
+    """A rich Table of the status, then each builder's reason and what Nix sees; with
+    `limit`, at most that many builders (the ones not healthy first) and a line saying
+    how many more there are, without the lines Nix sees."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -110,6 +112,11 @@ def render(status: dict[str, Any], now: float) -> Any:
         pad_edge=False,
     )
     data = rows(status, now)
+    left_out = 0
+    if limit is not None and len(data) > limit:
+        order = {"down": 0, "degraded": 1}
+        data = sorted(data, key=lambda row: order.get(row["state"], 2))
+        left_out, data = len(data) - limit, data[:limit]
     for _, header in COLUMNS:
         # Never folded mid-word: a builder name too long for the screen is cut with "…".
         table.add_column(header, no_wrap=True, overflow="ellipsis")
@@ -123,6 +130,13 @@ def render(status: dict[str, Any], now: float) -> Any:
     for row in data:
         if row["reason"]:
             notes.append(f"{row['builder']}: {row['state']}: {row['reason']}\n")
+    if left_out:
+        healthy = sum(1 for b in status["builders"] if b["state"] == "healthy")
+        notes.append(
+            f"{left_out} more builders ({healthy} healthy in all); `nixfarm status` lists every one",
+            style="dim",
+        )
+        return Group(table, notes)
     notes.append(f"\nwhat Nix sees in {status.get('machines_file', '?')}:\n", style="bold")
     for row in data:
         notes.append(f"{row['builder']}: {row['nix sees']}\n", style="dim" if row["state"] == "down" else "")
@@ -142,7 +156,14 @@ def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
     if not watch:
         console.print(render(read_status(path), time.time()), soft_wrap=True)
         return 0
-    with Live(render(read_status(path), time.time()), console=console, refresh_per_second=2) as live:
+
+    def screen() -> Any:
+        # As many builders as fit (a row is one line, the table's frame and title ~6 more):
+        # rich draws the whole renderable before it crops it to the screen.
+        return render(read_status(path), time.time(), limit=max(5, console.size.height - 8))
+
+    # Drawn once a second, when the "ago" columns change; not also by rich's own refresh thread.
+    with Live(screen(), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(1)
-            live.update(render(read_status(path), time.time()))
+            live.update(screen(), refresh=True)
