@@ -12,7 +12,7 @@
   package,
   nixPackage,
   agentInterval,
-  serveHttp,
+  serveHttp ? false, # the Prometheus endpoint: AF_INET(6) allowed
   configFile,
   restartTriggers,
 }:
@@ -115,10 +115,15 @@
       "AF_UNIX"
       "AF_NETLINK"
     ]
-    ++ lib.optionals serveHttp [
-      "AF_INET"
-      "AF_INET6"
-    ];
+    ++ (
+      if serveHttp then
+        [
+          "AF_INET"
+          "AF_INET6"
+        ]
+      else
+        [ ]
+    );
     RestrictNamespaces = true;
     RestrictRealtime = true;
     RestrictSUIDSGID = true;
