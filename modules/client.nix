@@ -410,9 +410,12 @@ in
             # a builder may hold ahead (README "The formula").
             "--build-poll-interval"
             (toString config.nix.settings.build-poll-interval)
-            # Hold only the slot lock files this Nix reads (Lix names them its own way).
+          ]
+          # Lix names its slot lock files its own way: hold only those. For Nix the
+          # dispatcher's default holds both namings (the second costs a few hard links).
+          ++ lib.optionals (lib.getName config.nix.package == "lix") [
             "--lock-names"
-            (if lib.getName config.nix.package == "lix" then "lix" else "nix")
+            "lix"
           ]
           ++ cfg.dispatcher.extraArgs
         );
