@@ -218,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list of builders and their checks")
 
     p = sub.add_parser(
+        "sign-store",
+        help="sign every path of the local store with this client's Nix signing key",
+        allow_abbrev=False,
+        description="Run as root on a client: sign every valid path of the local Nix store with the "
+        "inventory's client.signing_key_file (nix store sign --all), so that builders that do not trust "
+        'their clients (services.nixfarm.farm.trust = "untrusted") accept them as build inputs. Nix '
+        "signs what it builds once secret-key-files is set; this is for what the store held before. "
+        "Prints how many paths got a signature.",
+    )
+    p.add_argument(
+        "--inventory",
+        default="/etc/nixfarm/inventory.json",
+        metavar="FILE",
+        help="the farm inventory (default /etc/nixfarm/inventory.json)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
         "gc",
         help="store GC: --status, --dry-run, --now",
         allow_abbrev=False,
@@ -601,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(args.inventory, args.json)
+        if args.command == "sign-store":
+            from .signing import run_sign_store
+
+            return run_sign_store(args.inventory, args.json)
         if args.command == "builds":
             from .farmview import run_builds
             from .status import DEFAULT_MACHINES
