@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Run as root on a client: for each builder of the inventory check name resolution, "
         "TCP, the host key, the client key file, the gateway roles, an ssh-ng handshake with its Nix "
-        "daemon (trusted?), systems/features and clock skew. Exit 1 if any builder is unusable.",
+        "daemon and its trust in this client against the farm's trust mode, this client's Nix signing key "
+        "and unsigned store paths (untrusted mode), systems/features and clock skew. Exit 1 if any "
+        "builder is unusable.",
     )
     p.add_argument(
         "--inventory",
