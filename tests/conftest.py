@@ -144,7 +144,10 @@ class Client:
 
     `signing_key` (a secret key file under the farm's directory: Farm.make_signing_key)
     goes into `secret-key-files`, as the client module sets it in the untrusted mode:
-    Nix then signs every path it builds with it.
+    Nix then signs every path it builds with it. `sign_outputs=True` also signs what remote
+    builds send back (a post-build-hook running `nix store sign`, which the client's Nix runs
+    for remote builds too): outputs arrive unsigned from a builder without a key of its own,
+    and another untrusted builder refuses them as inputs.
 
     `own_store=True` gives a Nix 2.8 client a store of its own too (its /nix a directory
     of the farm, bound over /nix in a mount namespace of its own), for tests that change
@@ -157,10 +160,11 @@ class Client:
         nix: str = "2.8",
         signing_key: Path | None = None,
         own_store: bool = False,
+        sign_outputs: bool = False,
     ) -> None:
         self.nix = nix
         self.farm_root = root
-        signed = "-signed" if signing_key else ""
+        signed = ("-signed" if signing_key else "") + ("-outputs" if sign_outputs else "")
         self.conf_dir = root / f"client-nix-{nix}-{poll_interval}{signed}"
         self.conf_dir.mkdir(exist_ok=True)
         self.builds_nix = BUILDS_NIX
@@ -185,6 +189,18 @@ class Client:
             f"build-poll-interval = {poll_interval}\n"
             + (f"secret-key-files = {signing_key}\n" if signing_key else "")
         )
+        if sign_outputs:
+            if signing_key is None:
+                raise ValueError("sign_outputs needs a signing_key")
+            hook = self.conf_dir / "sign-outputs"
+            hook.write_text(
+                "#!/bin/sh\n# Nix's post-build-hook: OUT_PATHS are the outputs just built, here or remotely\n"
+                "exec nix --extra-experimental-features nix-command store sign "
+                f"--key-file {signing_key} $OUT_PATHS\n"
+            )
+            hook.chmod(0o755)
+            with (self.conf_dir / "nix.conf").open("a") as f:
+                f.write(f"post-build-hook = {hook}\n")
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "NIX_CONF_DIR": str(self.conf_dir)}

@@ -127,6 +127,25 @@ def test_an_untrusted_builder_builds_what_a_signing_client_sends(farm: Farm) -> 
     finally:
         dispatcher.stop()
 
+    # An output one builder made, needed as an input on another: it comes back to the client
+    # unsigned (the builder has no key; the client's Nix signs only what it builds itself), so
+    # the other untrusted builder refuses it, unless the client signs what its remote builds
+    # return (a post-build-hook).
+    other = farm.add_builder("u2", clients={"alice": "build"}, nix="2.26", trusted=False,
+                             trusted_public_keys=[public])  # fmt: skip
+    resigning = Client(farm.root, nix="2.26", poll_interval=1, signing_key=secret, sign_outputs=True)
+    for client, works in ((signing, False), (resigning, True)):
+        expr, _ = two_step(farm)
+        dep = build(client, expr, "dep", b.machines_line(key))  # built on u1
+        assert dep.returncode == 0, dep.stderr
+        top = build(client, expr, "top", other.machines_line(key))  # needs it on u2
+        if works:
+            assert top.returncode == 0, top.stderr
+            assert client.read(top.stdout.strip()) == "made by the client\nbuilt on u2\n"
+        else:
+            assert top.returncode != 0
+            assert f"cannot add path '{dep.stdout.strip()}' {LACKS_SIGNATURE}" in top.stderr
+
     # ssh:// (nix-store --serve) sends the builder a bare derivation, which Nix builds only for a
     # trusted user, signed inputs or not: the untrusted mode needs ssh-ng.
     expr, _ = two_step(farm)
