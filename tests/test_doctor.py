@@ -104,6 +104,12 @@ def test_healthy_builder_passes_every_check(farm: Farm, nix: str) -> None:
     assert statuses(report) == TRUSTED_FARM
     assert "as good as root on b1" in report["trust"]["message"]
     assert report["trust"]["fix"].startswith('services.nixfarm.farm.trust = "untrusted"')
+    if nix == "2.8":  # too old for the untrusted mode: the fix says so
+        assert report["trust"]["fix"].endswith(
+            "(needs Nix 2.16 or later; b1 runs Nix 2.8.0: upgrade it first)"
+        )
+    else:
+        assert report["trust"]["fix"].endswith("(Nix 2.16 or later on builders and clients)")
     assert report["signing-key"]["message"].startswith("not needed: the farm is in trusted mode")
     # A real ssh-ng handshake with this Nix's daemon, and its way of telling trust.
     daemon, trust_how = DAEMONS[nix]
