@@ -55,6 +55,11 @@ def test_trust_fields_are_read_and_checked() -> None:
         Inventory(inventory_data(trust="paranoid"), "test")
     with pytest.raises(ConfigError, match=r"client\.signing_key_file: must be an absolute path or null"):
         Inventory(inventory_data(signing_key_file="signing-key"), "test")
+    # Beside "trust" at the top level it is read too, as long as the two agree.
+    top = {**inventory_data(trust="untrusted"), "signing_key_file": "/var/lib/k"}
+    assert Inventory(top, "test").signing_key_file == "/var/lib/k"
+    with pytest.raises(ConfigError, match="disagree"):
+        Inventory({**inventory_data(signing_key_file="/other"), "signing_key_file": "/var/lib/k"}, "test")
 
 
 # -- the key file ----------------------------------------------------------------------------

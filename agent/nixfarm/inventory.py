@@ -19,7 +19,8 @@ builders do not trust their clients and accept only inputs signed by a key
 they trust, or "trusted". Inventories written before the mode existed have
 none and mean "trusted" (the builder user was a trusted Nix user then).
 `client.signing_key_file` is the secret key this client's Nix signs with
-(`secret-key-files`), or null where the farm is trusted.
+(`secret-key-files`), or null where the farm is trusted; a top-level
+`signing_key_file` beside "trust" is read as the same field.
 """
 
 from __future__ import annotations
@@ -107,10 +108,7 @@ class Inventory:
             raise ConfigError(f'{source}: "client" must be an object with "name" and "key_file"')
         self.client_name: str = _get(client, "name", str, "client")
         self.key_file: str = _get(client, "key_file", str, "client")
-        signing = client.get("signing_key_file")
-        if signing is not None and (not isinstance(signing, str) or not signing.startswith("/")):
-            raise ConfigError(f"client.signing_key_file: must be an absolute path or null, got {signing!r}")
-        self.signing_key_file: str | None = signing
+        self.signing_key_file: str | None = _signing_key_file(client, data)
         trust = data.get("trust", "trusted")  # absent: an inventory from before the trust mode
         if trust not in TRUST_MODES:
             raise ConfigError(f'{source}: "trust" must be "untrusted" or "trusted", got {trust!r}')
@@ -125,6 +123,22 @@ class Inventory:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"{source}: builder names must be unique; repeated: {', '.join(duplicates)}")
+
+
+def _signing_key_file(client: dict[str, Any], top: dict[str, Any]) -> str | None:
+    """client.signing_key_file; a top-level signing_key_file is read too (where a client module
+    put it beside "trust"), and the two may not disagree."""
+    found: dict[str, str] = {}
+    for where, data in (("client.signing_key_file", client), ("signing_key_file", top)):
+        value = data.get("signing_key_file")
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{where}: must be an absolute path or null, got {value!r}")
+        found[where] = value
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"client.signing_key_file and signing_key_file disagree: {found}")
+    return next(iter(found.values()), None)
 
 
 def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
