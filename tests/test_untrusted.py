@@ -2,20 +2,23 @@
 harness with Nix 2.26 on both ends: real sshd, gateway and nix-daemon.
 
 - A client that signs what it builds gets its builds done on an untrusted builder, through
-  the build hook and through the dispatcher; an unsigned input is refused.
+  the build hook and through the dispatcher; an unsigned input is refused, and so is an
+  output another builder made unless the client signs what comes back; ssh:// cannot build
+  for an untrusted user at all.
 - A stolen build-role key that speaks the worker protocol itself (the gateway execs
   `nix-daemon --stdio` and cannot filter what flows through it) tries to set options only
   root should set, to plant an unsigned input-addressed path, and to delete the builder's
-  store. On an untrusted builder each is refused or harmless and nothing it asked for runs
-  as root; on a trusted builder the same key runs a program of its choice as root: the
-  risk that trusted mode is.
+  store. On untrusted builders (Nix 2.26 and 2.8) each is refused or harmless and nothing
+  it asked for runs as root. On a trusted builder the same key plants its path; on a
+  trusted Nix 2.8 builder (trusted mode is what Nix before 2.16 allows) its post-build-hook
+  and the build itself run as root: the risk that trusted mode is. (Nix 2.26's
+  `nix-daemon --stdio` serves the session itself and keeps the client's settings to
+  itself, trusted or not: there the options reach nothing.)
 - A metrics-role key reaches none of it.
 
-(The real Nix client never forwards its settings over ssh-ng (SSHStore::setOptions does
-nothing), so the option attack speaks the protocol with nixfarm's own nixproto, as an
-attacker holding the key would.)
+(The real Nix client never forwards its settings over ssh-ng, so the option attack speaks
+the protocol with nixfarm's own nixproto, as an attacker holding the key would.)
 """
-
 from __future__ import annotations
 
 import asyncio
