@@ -16,8 +16,9 @@ harness with Nix 2.26 on both ends: real sshd, gateway and nix-daemon.
   itself, trusted or not: there the options reach nothing.)
 - A metrics-role key reaches none of it.
 
-(The real Nix client never forwards its settings over ssh-ng, so the option attack speaks
-the protocol with nixfarm's own nixproto, as an attacker holding the key would.)
+(The real Nix client does not pass its settings over ssh-ng: `nix-build --store ssh-ng://...
+--option post-build-hook ...` had no effect even on the trusted Nix 2.8 builder. So the option
+attack speaks the protocol with nixfarm's own nixproto, as an attacker holding the key would.)
 """
 from __future__ import annotations
 
