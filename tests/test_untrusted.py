@@ -20,6 +20,7 @@ harness with Nix 2.26 on both ends: real sshd, gateway and nix-daemon.
 --option post-build-hook ...` had no effect even on the trusted Nix 2.8 builder. So the option
 attack speaks the protocol with nixfarm's own nixproto, as an attacker holding the key would.)
 """
+
 from __future__ import annotations
 
 import asyncio
