@@ -129,18 +129,50 @@ def nix(request: pytest.FixtureRequest) -> NixPair:
     return pair
 
 
+# Runs argv[2:] with the directory argv[1] bound over /nix (in a private mount namespace).
+_BIND_NIX = (
+    "import os, subprocess, sys; "
+    "subprocess.run(['mount', '--bind', sys.argv[1], '/nix'], check=True); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
 class Client:
     """The client side of the harness: Nix with its own config, the host's Nix 2.8 or,
     with nix="2.26", Nix 2.26 chrooted into the Debian 13 root (tests/nix_root.py) with
-    a store of its own in the farm's directory."""
+    a store of its own in the farm's directory.
 
-    def __init__(self, root: Path, poll_interval: int = 5, nix: str = "2.8") -> None:
+    `signing_key` (a secret key file under the farm's directory: Farm.make_signing_key)
+    goes into `secret-key-files`, as the client module sets it in the untrusted mode:
+    Nix then signs every path it builds with it. `sign_outputs=True` also signs what remote
+    builds send back (a post-build-hook running `nix store sign`, which the client's Nix runs
+    for remote builds too): outputs arrive unsigned from a builder without a key of its own,
+    and another untrusted builder refuses them as inputs.
+
+    `own_store=True` gives a Nix 2.8 client a store of its own too (its /nix a directory
+    of the farm, bound over /nix in a mount namespace of its own), for tests that change
+    what the whole store holds (signatures) and must leave the machine's store alone."""
+
+    def __init__(
+        self,
+        root: Path,
+        poll_interval: int = 5,
+        nix: str = "2.8",
+        signing_key: Path | None = None,
+        own_store: bool = False,
+        sign_outputs: bool = False,
+    ) -> None:
         self.nix = nix
         self.farm_root = root
-        self.conf_dir = root / f"client-nix-{nix}-{poll_interval}"
+        signed = ("-signed" if signing_key else "") + ("-outputs" if sign_outputs else "")
+        self.conf_dir = root / f"client-nix-{nix}-{poll_interval}{signed}"
         self.conf_dir.mkdir(exist_ok=True)
         self.builds_nix = BUILDS_NIX
-        if nix == "2.26":
+        self.store: Path | None = None
+        if nix == "2.8" and own_store:
+            self.store = root / "client-nix-2.8-store"
+            self.store.mkdir(exist_ok=True)
+        elif nix == "2.26":
             self.store = root / "client-nix-2.26-store"  # its /nix, kept for the farm's life
             self.store.mkdir(exist_ok=True)
             # The root has no mount point for the working tree; the farm's directory it has.
@@ -155,7 +187,20 @@ class Client:
             "experimental-features = nix-command\n"
             # How long a build the hook postponed waits before asking again (Nix's default: 5).
             f"build-poll-interval = {poll_interval}\n"
+            + (f"secret-key-files = {signing_key}\n" if signing_key else "")
         )
+        if sign_outputs:
+            if signing_key is None:
+                raise ValueError("sign_outputs needs a signing_key")
+            hook = self.conf_dir / "sign-outputs"
+            hook.write_text(
+                "#!/bin/sh\n# Nix's post-build-hook: OUT_PATHS are the outputs just built, here or remotely\n"
+                "exec nix --extra-experimental-features nix-command store sign "
+                f"--key-file {signing_key} $OUT_PATHS\n"
+            )
+            hook.chmod(0o755)
+            with (self.conf_dir / "nix.conf").open("a") as f:
+                f.write(f"post-build-hook = {hook}\n")
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "NIX_CONF_DIR": str(self.conf_dir)}
@@ -163,7 +208,22 @@ class Client:
     def argv(self, argv: list[str]) -> list[str]:
         """argv as this client runs it: as it is, or chrooted into the Nix 2.26 root."""
         if self.nix == "2.8":
-            return argv
+            if self.store is None:
+                return argv
+            # Nix 2.8 lives in /usr: only the store and its database move.
+            return [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                sys.executable,
+                "-c",
+                _BIND_NIX,
+                str(self.store),
+                *argv,
+            ]
+        assert self.store is not None
         spec = {
             "root": str(farm_mod.nix_root.ensure_root()),
             "nix": str(self.store),
@@ -176,16 +236,29 @@ class Client:
     def current_load(self) -> str:
         """Where this client's Nix keeps its slot locks (its build hook makes it at its first
         remote build; made here for those who hold slots before that)."""
-        nix_dir = Path("/nix") if self.nix == "2.8" else self.store
+        nix_dir = self.store or Path("/nix")
         path = nix_dir / "var" / "nix" / "current-load"
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
     def read(self, store_path: str) -> str:
         """The contents of an output in this client's store."""
-        if self.nix == "2.8":
+        if self.store is None:
             return Path(store_path).read_text()
         return (self.store / Path(store_path).relative_to("/nix")).read_text()
+
+    @property
+    def nixfarm(self) -> str:
+        """The `nixfarm` program as this client runs it (in the 2.26 root: this tree on its Python)."""
+        if self.nix == "2.26":
+            return farm_mod.nix_root.LAUNCHER
+        return str(Path(sys.executable).parent / "nixfarm")
+
+    def run(self, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """Run argv as this client (its Nix config, its store); not checked."""
+        return subprocess.run(
+            self.argv(argv), text=True, capture_output=True, env=self.env(), timeout=timeout
+        )
 
     def build(
         self, builders: str, nonce: str | None = None, timeout: float = 180, **args: int | str

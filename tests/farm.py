@@ -286,6 +286,17 @@ class Farm:
             input=input if input is not None else "",
         )
 
+    def make_signing_key(self, name: str) -> tuple[Path, str]:
+        """A Nix signing key pair named `name` (as the client module makes one): the secret
+        key file (root-only, under the farm's directory, so a Nix 2.26 client's chroot sees
+        it at the same path) and the public key "name:base64" for trusted-public-keys."""
+        directory = self.root / "signing-keys"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        secret, public = directory / name, directory / f"{name}.pub"
+        run(["nix-store", "--generate-binary-cache-key", name, str(secret), str(public)])
+        secret.chmod(0o600)
+        return secret, public.read_text().strip()
+
     # -- builders ----------------------------------------------------------
 
     def add_builder(
@@ -300,6 +311,8 @@ class Farm:
         agent_config: dict[str, object] | None = None,
         sshd_match_block: bool = True,
         nix: str = "2.8",
+        trusted: bool = True,
+        trusted_public_keys: list[str] | None = None,
     ) -> Builder:
         """Start a builder host; `clients` maps client name to gateway role.
 
@@ -308,6 +321,10 @@ class Farm:
 
         `sshd_match_block=False` leaves out the sshd `Match User` block, so that
         only `restrict` in authorized_keys stands between a key and a shell.
+
+        `trusted=False` keeps the builder user out of `trusted-users`, as the builder
+        module does in the farm's untrusted mode; `trusted_public_keys` are the Nix
+        signing keys ("name:base64", see make_signing_key) whose paths it then accepts.
         """
         index = len(self.builders) + 1
         if index > 200:
@@ -319,7 +336,10 @@ class Farm:
         self.builders[name] = b
         b.root.mkdir(parents=True, mode=0o755)
         self._make_network(b)
-        self._write_builder_files(b, max_jobs, nix_conf, agent_config or {}, sshd_match_block)
+        trust = f"trusted-users = root{f' {BUILDER_USER}' if trusted else ''}\n"
+        if trusted_public_keys:
+            trust += f"trusted-public-keys = {' '.join(trusted_public_keys)}\n"
+        self._write_builder_files(b, max_jobs, trust + nix_conf, agent_config or {}, sshd_match_block)
         if memory_max is not None:
             b.cgroup = self._make_cgroup(b, memory_max)
         self._start(b, slots)
@@ -363,7 +383,6 @@ class Farm:
         (etc_nix / "nix.conf").write_text(
             textwrap.dedent(f"""\
             build-users-group = {BUILD_USERS_GROUP}
-            trusted-users = root {BUILDER_USER}
             max-jobs = {max_jobs}
             cores = 1
             sandbox = false
@@ -506,11 +525,25 @@ class Farm:
             raise FarmError(f"expected one child of unshare {pid}, found {children}")
         return int(children[0])
 
-    def write_inventory(self, client: str, builders: list[Builder], max_jobs: int = 2) -> Path:
-        """The client inventory `nixfarm dispatch` reads (as the NixOS client module writes it)."""
+    def write_inventory(
+        self,
+        client: str,
+        builders: list[Builder],
+        max_jobs: int = 2,
+        trust: str | None = None,
+        signing_key_file: Path | None = None,
+    ) -> Path:
+        """The client inventory `nixfarm dispatch` reads (as the NixOS client module writes it).
+
+        `trust` None leaves the farm's mode out, as inventories before it did (meaning "trusted").
+        """
         system = current_system()
+        client_entry: dict[str, object] = {"name": client, "key_file": str(self.client_keys[client])}
+        if signing_key_file is not None:
+            client_entry["signing_key_file"] = str(signing_key_file)
         inventory = {
-            "client": {"name": client, "key_file": str(self.client_keys[client])},
+            **({"trust": trust} if trust else {}),
+            "client": client_entry,
             "builders": [
                 {
                     "name": b.name,

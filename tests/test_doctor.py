@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import Client
 from farm import Builder, Farm, run
 from nixfarm.doctor import (
     CHECKS,
@@ -28,6 +30,8 @@ from nixfarm.doctor import (
     Timeouts,
     _clean,
     check_key_file,
+    check_signing,
+    nix_version_tuple,
 )
 from nixfarm.inventory import Inventory
 
@@ -68,6 +72,10 @@ def after(check: str) -> tuple[str, ...]:
     return CHECKS[CHECKS.index(check) + 1 :]
 
 
+# A healthy builder of a farm in trusted mode: the trust check warns, the signing checks are not needed.
+TRUSTED_FARM = {**dict.fromkeys(CHECKS, OK), "trust": WARN, "signing-key": SKIP, "unsigned-paths": SKIP}
+
+
 def statuses(report: dict[str, Any]) -> dict[str, str]:
     return {name: report[name]["status"] for name in CHECKS}
 
@@ -92,7 +100,17 @@ def test_healthy_builder_passes_every_check(farm: Farm, nix: str) -> None:
     assert code == 0
     report = reports["b1"]
     assert report["usable"] is True
-    assert statuses(report) == dict.fromkeys(CHECKS, OK)
+    # An inventory without "trust" is a trusted farm: usable, with a word on what that risks.
+    assert statuses(report) == TRUSTED_FARM
+    assert "as good as root on b1" in report["trust"]["message"]
+    assert report["trust"]["fix"].startswith('services.nixfarm.farm.trust = "untrusted"')
+    if nix == "2.8":  # too old for the untrusted mode: the fix says so
+        assert report["trust"]["fix"].endswith(
+            "(needs Nix 2.16 or later; b1 runs Nix 2.8.0: upgrade it first)"
+        )
+    else:
+        assert report["trust"]["fix"].endswith("(Nix 2.16 or later on builders and clients)")
+    assert report["signing-key"]["message"].startswith("not needed: the farm is in trusted mode")
     # A real ssh-ng handshake with this Nix's daemon, and its way of telling trust.
     daemon, trust_how = DAEMONS[nix]
     assert report["daemon"]["message"] == f"ssh-ng handshake: {daemon}", report["daemon"]
@@ -104,7 +122,8 @@ def test_healthy_builder_passes_every_check(farm: Farm, nix: str) -> None:
     assert text.returncode == 0
     lines = text.stdout.splitlines()
     assert lines[0].startswith("b1 (ssh-ng://nixfarm@") and lines[0].endswith("usable")
-    assert [line.split()[:2] for line in lines[1:-1]] == [["ok", name] for name in CHECKS]
+    labels = {OK: "ok", WARN: "warn", SKIP: "skip"}
+    assert [line.split()[:2] for line in lines[1:-1]] == [[labels[TRUSTED_FARM[n]], n] for n in CHECKS]
     assert lines[-1] == "all 1 builders usable"
 
     # ssh:// builders: the legacy `nix-store --serve --write` handshake is checked as well.
@@ -215,7 +234,7 @@ def test_key_file_readable_by_others(farm: Farm) -> None:
     assert "mode 0644" in check["message"]
     assert check["fix"] == f"chmod 600 {key}"
     # OpenSSH would ignore the key; asyncssh does not, so the rest is still checked.
-    assert reports["b1"]["login"]["status"] == OK and reports["b1"]["trust"]["status"] == OK
+    assert reports["b1"]["login"]["status"] == OK and reports["b1"]["trust"]["status"] == WARN  # reached
 
     os.chmod(key, 0o600)
     code, _ = doctor_json(farm, inventory)
@@ -316,6 +335,10 @@ def test_hostile_builders_do_not_crash_doctor(farm: Farm) -> None:
 
 
 # -- unit tests: no harness ------------------------------------------------------------------
+
+
+BUILDER = {"name": "b1", "host_name": "b1.example", "systems": ["x86_64-linux"],
+           "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummy"}  # fmt: skip
 
 
 def _builder_doctor(**builder: object) -> BuilderDoctor:
@@ -430,3 +453,112 @@ def test_builder_text_is_made_safe_to_print() -> None:
     assert _clean("invalid operation \x1b[35;1m0\x1b[0m") == "invalid operation 0"
     assert _clean("a\x07b\x1b]0;title\x07") == "a?b?]0;title?"
     assert len(_clean("x" * 10_000)) == 300
+
+
+# -- the farm's untrusted mode ------------------------------------------------------------------
+
+
+def client_doctor_json(client: Client, inventory: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """doctor_json, run as `client` (its Nix, its own store: the unsigned count is of that store)."""
+    result = client.run([client.nixfarm, "doctor", "--inventory", str(inventory), "--json"], timeout=90)
+    assert "Traceback" not in result.stderr, result.stderr
+    builders = {}
+    for b in json.loads(result.stdout):
+        builders[b["name"]] = {"usable": b["usable"], **{c["check"]: c for c in b["checks"]}}
+    return result.returncode, builders
+
+
+def test_untrusted_mode(farm: Farm) -> None:
+    """One farm in untrusted mode: a builder as it should be, one that still trusts its clients,
+    one whose Nix is too old to build for untrusted users; the client's key and store."""
+    farm.add_client("alice")
+    secret, public = farm.make_signing_key("alice-1")
+    good = farm.add_builder("good", clients={"alice": "build"}, nix="2.26", trusted=False,
+                            trusted_public_keys=[public])  # fmt: skip
+    still = farm.add_builder("still", clients={"alice": "build"}, nix="2.26")
+    old = farm.add_builder("old", clients={"alice": "build"}, trusted=False, trusted_public_keys=[public])
+    client = Client(farm.root, nix="2.26")
+    inventory = farm.write_inventory("alice", [good, still, old], trust="untrusted", signing_key_file=secret)
+    unsigned = farm.root / "unsigned.nix"
+    unsigned.write_text('derivation { name = "unsigned"; system = builtins.currentSystem; '
+                        'builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; }')  # fmt: skip
+    assert client.run(["nix-build", str(unsigned), "--no-out-link"]).returncode == 0  # before the key
+
+    code, reports = client_doctor_json(client, inventory)
+    assert code == 1  # old is unusable
+    assert reports["good"]["usable"] and reports["still"]["usable"] and not reports["old"]["usable"]
+    trust = {name: reports[name]["trust"] for name in reports}
+    assert trust["good"]["status"] == OK
+    assert "does not trust nixfarm (daemon protocol 1.37 handshake flag)" in trust["good"]["message"]
+    assert "cannot take root there" in trust["good"]["message"]
+    assert trust["still"]["status"] == WARN
+    assert (
+        "still trusts nixfarm" in trust["still"]["message"]
+        and "as good as root on still" in trust["still"]["message"]
+    )
+    assert trust["still"]["fix"].startswith(
+        "rebuild still with the farm's settings: services.nixfarm.farm.trust"
+    )
+    assert trust["old"]["status"] == FAIL
+    assert "runs Nix 2.8.0" in trust["old"]["message"]
+    assert "you are not privileged to build input-addressed derivations" in trust["old"]["message"]
+    assert "upgrade Nix on old to 2.16 or later" in trust["old"]["fix"]
+    for report in reports.values():  # the client's own checks are the same for every builder
+        assert report["signing-key"]["status"] == OK
+        assert report["signing-key"]["message"].startswith(f"{secret}: {public}, root's, mode 0600")
+        assert "services.nixfarm.farm.clients.alice.signingKey" in report["signing-key"]["message"]
+        check = report["unsigned-paths"]
+        assert check["status"] == WARN and check["fix"] == "nixfarm sign-store"
+        count = int(check["message"].split()[0])
+        assert count >= 1  # the output built above (its .drv is content-addressed)
+        assert check["message"] == (
+            f"{count} paths are unsigned: a build that needs one of them as an input will fail on "
+            "untrusted builders ('lacks a signature by a trusted key')"
+        )
+
+    assert client.run([client.nixfarm, "sign-store", "--inventory", str(inventory)]).returncode == 0
+    secret.chmod(0o644)
+    edit_inventory(inventory, index=0, protocol="ssh")
+    code, reports = client_doctor_json(client, inventory)
+    assert reports["good"]["unsigned-paths"]["status"] == OK
+    assert reports["good"]["signing-key"]["status"] == FAIL
+    assert "not root's alone (uid 0, mode 0644)" in reports["good"]["signing-key"]["message"]
+    assert reports["good"]["signing-key"]["fix"] == f"chown root {secret} && chmod 600 {secret}"
+    assert reports["good"]["trust"]["status"] == FAIL  # ssh:// builds need a trusted user
+    assert "ssh:// (nix-store --serve)" in reports["good"]["trust"]["message"]
+    assert (
+        reports["good"]["trust"]["fix"]
+        == 'use ssh-ng: services.nixfarm.farm.builders.good.protocol = "ssh-ng"'
+    )
+
+    data = json.loads(inventory.read_text())
+    data["client"]["signing_key_file"] = None
+    inventory.write_text(json.dumps(data))
+    code, reports = client_doctor_json(client, inventory)
+    check = reports["still"]["signing-key"]
+    assert check["status"] == WARN and "this client has no signing key" in check["message"]
+    assert "services.nixfarm.client.signingKeyFile" in check["fix"]
+
+
+def test_signing_checks_unit(tmp_path: Path) -> None:
+    trusted = Inventory({"client": {"name": "a", "key_file": "/k"}, "builders": [BUILDER]}, "t")
+    assert [(c.name, c.status) for c in check_signing(trusted)] == [
+        ("signing-key", SKIP),
+        ("unsigned-paths", SKIP),
+    ]
+    db = tmp_path / "db.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE ValidPaths (id INTEGER PRIMARY KEY, path TEXT, sigs TEXT, ca TEXT)")
+        conn.executemany(
+            "INSERT INTO ValidPaths (path, sigs, ca) VALUES (?, ?, ?)",
+            [("/nix/store/a", None, None), ("/nix/store/b", "", ""), ("/nix/store/c", "k:sig", None),
+             ("/nix/store/d.drv", None, "text:sha256:x"), ("/nix/store/e", None, None)],
+        )  # fmt: skip
+    client = {"name": "a", "key_file": "/k", "signing_key_file": str(tmp_path / "no")}
+    untrusted = Inventory({"trust": "untrusted", "client": client, "builders": [BUILDER]}, "t")
+    key, paths = check_signing(untrusted, str(db))
+    assert key.status == FAIL and "does not exist" in key.message and "nixfarm-signing-key" in key.fix
+    assert paths.status == WARN and paths.message.startswith("3 paths are unsigned")
+    _, missing = check_signing(untrusted, str(tmp_path / "none.sqlite"))
+    assert missing.status == WARN and "could not count them" in missing.message
+    assert nix_version_tuple("2.26.3") == (2, 26) and nix_version_tuple(None) is None

@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Run as root on a client: for each builder of the inventory check name resolution, "
         "TCP, the host key, the client key file, the gateway roles, an ssh-ng handshake with its Nix "
-        "daemon (trusted?), systems/features and clock skew. Exit 1 if any builder is unusable.",
+        "daemon and its trust in this client against the farm's trust mode, this client's Nix signing key "
+        "and unsigned store paths (untrusted mode), systems/features and clock skew. Exit 1 if any "
+        "builder is unusable.",
     )
     p.add_argument(
         "--inventory",
@@ -227,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the farm inventory (default /etc/nixfarm/inventory.json)",
     )
     p.add_argument("--json", action="store_true", help="a JSON list of builders and their checks")
+
+    p = sub.add_parser(
+        "sign-store",
+        help="sign every path of the local store with this client's Nix signing key",
+        allow_abbrev=False,
+        description="Run as root on a client: sign every valid path of the local Nix store with the "
+        "inventory's client.signing_key_file (nix store sign --all), so that builders that do not trust "
+        'their clients (services.nixfarm.farm.trust = "untrusted") accept them as build inputs. Nix '
+        "signs what it builds once secret-key-files is set; this is for what the store held before. "
+        "Prints how many paths got a signature.",
+    )
+    p.add_argument(
+        "--inventory",
+        default="/etc/nixfarm/inventory.json",
+        metavar="FILE",
+        help="the farm inventory (default /etc/nixfarm/inventory.json)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
         "gc",
@@ -634,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(args.inventory, args.json)
+        if args.command == "sign-store":
+            from .signing import run_sign_store
+
+            return run_sign_store(args.inventory, args.json)
         if args.command == "builds":
             from .farmview import run_builds
             from .status import DEFAULT_MACHINES

@@ -18,7 +18,15 @@ that builder's checks when it fails, as the later ones cannot run):
   build-role  the gateway lets this key run `nix-daemon --stdio`
   daemon      a real ssh-ng handshake with the builder's Nix daemon (and, for
               ssh:// builders, with `nix-store --serve --write`)
-  trust       the daemon trusts ssh_user (else it refuses client builds)
+  trust       in the farm's untrusted mode (inventory "trust"), the daemon does
+              not trust ssh_user, runs Nix >= 2.16 and is reached over ssh-ng;
+              in trusted mode it trusts ssh_user (else it refuses client
+              builds), a warning: a trusted Nix user is as good as root
+  signing-key untrusted mode: the client's Nix signing key (client.signing_key_file)
+              is set, root's alone and a Nix secret key (its public key shown)
+  unsigned-paths  untrusted mode: how many paths of the local store have no
+              signature and no content address (untrusted builders refuse them
+              as inputs; `nixfarm sign-store` signs them)
   systems     the builder builds for every system the inventory sends it
   features    the builder offers every feature the inventory claims for it
   clock       the builder's clock is close to this client's
@@ -47,8 +55,9 @@ from typing import Any
 
 import asyncssh
 
-from . import nixproto
+from . import nixproto, signing
 from .dispatch import BadSnapshot, validate
+from .errors import NixfarmError
 from .inventory import Builder, Inventory, load_inventory
 from .sshconn import MAX_STDERR, connect_options, pinned_known_hosts, read_bounded, run_for_line
 
@@ -65,6 +74,8 @@ CHECKS = (
     "build-role",
     "daemon",
     "trust",
+    "signing-key",
+    "unsigned-paths",
     "systems",
     "features",
     "clock",
@@ -72,6 +83,9 @@ CHECKS = (
 MAX_SNAPSHOT = 1 << 20
 MAX_KEY_FILE = 64 << 10
 CLOCK_WARN, CLOCK_FAIL = 5.0, 60.0
+# NixOS/nix#3921: from 2.16 on, Nix builds input-addressed derivations for untrusted users.
+UNTRUSTED_NIX = (2, 16)
+TRUST_OPTION = signing.TRUST_OPTION
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -205,6 +219,74 @@ def check_key_file(path: str) -> KeyFile:
     return KeyFile(Check("key-file", OK, f"{path}: {what}, root's, mode {mode:04o}"), True, public_key)
 
 
+def check_signing(inventory: Inventory, db_path: str = signing.DB_PATH) -> list[Check]:
+    """signing-key and unsigned-paths: this client's side of the untrusted mode (checked once)."""
+    if inventory.trust != "untrusted":
+        why = "not needed: the farm is in trusted mode, where builders accept this client's paths unsigned"
+        return [Check("signing-key", SKIP, why), Check("unsigned-paths", SKIP, why)]
+    return [_signing_key(inventory), _unsigned_paths(db_path)]
+
+
+def _signing_key(inventory: Inventory) -> Check:
+    path = inventory.signing_key_file
+    if not path:
+        return Check(
+            "signing-key",
+            WARN,
+            "the farm does not trust its clients, but this client has no signing key "
+            "(client.signing_key_file): builders refuse every input it built itself "
+            "('lacks a signature by a trusted key')",
+            f"set {signing.KEY_OPTION} (the client module does in untrusted mode; an inventory without it "
+            "comes from an older nixfarm: rebuild this client)",
+        )
+    try:
+        key = signing.read_signing_key(path)
+    except signing.SigningKeyError as e:
+        return Check(
+            "signing-key",
+            FAIL,
+            f"{e}: Nix signs every path it builds with it (secret-key-files), so its builds fail",
+            "systemctl restart nixfarm-signing-key (it makes a missing key), or point "
+            f"{signing.KEY_OPTION} at a key from nix-store --generate-binary-cache-key",
+        )
+    if key.uid != 0 or key.mode & 0o077:
+        return Check(
+            "signing-key",
+            FAIL,
+            f"{path} (public key {key.public_key}) is not root's alone (uid {key.uid}, mode {key.mode:04o}): "
+            "whoever reads it can sign store paths that every untrusted builder accepts",
+            f"chown root {path} && chmod 600 {path}",
+        )
+    return Check(
+        "signing-key",
+        OK,
+        f"{path}: {key.public_key}, root's, mode {key.mode:04o} (the builders must list it: "
+        f"services.nixfarm.farm.clients.{inventory.client_name}.signingKey)",
+    )
+
+
+def _unsigned_paths(db_path: str) -> Check:
+    try:
+        count = signing.count_unsigned(db_path)
+    except NixfarmError as e:
+        return Check("unsigned-paths", WARN, f"could not count them: {e}", "run doctor as root")
+    if count == 0:
+        return Check("unsigned-paths", OK, "every path of the local store is signed or content-addressed")
+    return Check(
+        "unsigned-paths",
+        WARN,
+        f"{count} paths are unsigned: a build that needs one of them as an input will fail on untrusted "
+        "builders ('lacks a signature by a trusted key')",
+        "nixfarm sign-store",
+    )
+
+
+def nix_version_tuple(text: str | None) -> tuple[int, int] | None:
+    """(2, 26) for "2.26.3"; None if there is no version to read."""
+    match = re.match(r"(\d+)\.(\d+)", text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 async def getaddrinfo(host: str, port: int, timeout: float) -> list[str]:
     """The addresses `host` resolves to, in a daemon thread so a hung resolver cannot hold us.
 
@@ -288,12 +370,20 @@ def _describe(e: BaseException) -> str:
 class BuilderDoctor:
     """Runs the checks of one builder."""
 
-    def __init__(self, inventory: Inventory, builder: Builder, key: KeyFile, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        inventory: Inventory,
+        builder: Builder,
+        key: KeyFile,
+        timeouts: Timeouts,
+        client_checks: list[Check] | None = None,
+    ) -> None:
         self.inventory = inventory
         self.b = builder
         self.key = key
         self.t = timeouts
-        self.checks: list[Check] = []
+        # This client's own checks (check_signing): the same for every builder, never skipped.
+        self.checks: list[Check] = list(client_checks or [])
         self.stopped_by = ""
 
     def add(self, name: str, status: str, message: str, fix: str = "") -> None:
@@ -766,8 +856,19 @@ class BuilderDoctor:
                 f"protocol {nixproto.version_text(hello.version)} has no trust flag; "
                 "from the daemon's answer to a restricted setting"
             )
+        if self.inventory.trust == "untrusted":
+            self._trust_untrusted_mode(bool(trusted), how, hello)
+            return
         if trusted:
-            self.add("trust", OK, f"the builder's Nix daemon trusts {b.ssh_user} ({how})")
+            self.add(
+                "trust",
+                WARN,
+                f"the builder's Nix daemon trusts {b.ssh_user} ({how}): builds work, but a trusted Nix "
+                f"user is as good as root on {b.name}, and a stolen client key can plant unsigned store "
+                "paths that every client's builds then use",
+                f'{TRUST_OPTION} = "untrusted" with a signingKey for each client'
+                + self._needs_newer_nix(hello),
+            )
             return
         self.add(
             "trust",
@@ -777,6 +878,57 @@ class BuilderDoctor:
             "('you are not privileged to build input-addressed derivations') and unsigned paths",
             f"add {b.ssh_user} to trusted-users in {b.name}'s nix.conf and restart nix-daemon (the nixfarm "
             "builder module does this for services.nixfarm.builder.user)",
+        )
+
+    def _needs_newer_nix(self, hello: nixproto.DaemonHello) -> str:
+        version = nix_version_tuple(hello.nix_version)
+        if version is not None and version >= UNTRUSTED_NIX:
+            return " (Nix 2.16 or later on builders and clients)"
+        shown = f"Nix {_clean(hello.nix_version or '', 40)}" if hello.nix_version else "a Nix older than 2.4"
+        return f" (needs Nix 2.16 or later; {self.b.name} runs {shown}: upgrade it first)"
+
+    def _trust_untrusted_mode(self, trusted: bool, how: str, hello: nixproto.DaemonHello) -> None:
+        """trust in untrusted mode: not trusted, a Nix that builds for untrusted users, ssh-ng."""
+        b = self.b
+        if trusted:
+            self.add(
+                "trust",
+                WARN,
+                f"the builder's Nix daemon still trusts {b.ssh_user} ({how}) though the farm does not "
+                f"trust its clients ({TRUST_OPTION}): a stolen client key is as good as root on {b.name}",
+                f'rebuild {b.name} with the farm\'s settings: {TRUST_OPTION} = "untrusted" keeps '
+                f"{b.ssh_user} out of its trusted-users",
+            )
+            return
+        version = nix_version_tuple(hello.nix_version)
+        if version is None or version < UNTRUSTED_NIX:
+            shown = (
+                f"Nix {_clean(hello.nix_version or '', 40)}" if hello.nix_version else "a Nix older than 2.4"
+            )
+            self.add(
+                "trust",
+                FAIL,
+                f"the builder's Nix daemon does not trust {b.ssh_user} and runs {shown}, which refuses "
+                "builds from untrusted users ('you are not privileged to build input-addressed "
+                "derivations'); Nix builds them from 2.16 on",
+                f'upgrade Nix on {b.name} to 2.16 or later, or set {TRUST_OPTION} = "trusted"',
+            )
+            return
+        if b.protocol == "ssh":
+            self.add(
+                "trust",
+                FAIL,
+                f"the builder's Nix daemon does not trust {b.ssh_user}, and this builder is reached over "
+                "ssh:// (nix-store --serve), whose builds an untrusted user may not run ('you are not "
+                "privileged to build input-addressed derivations')",
+                f'use ssh-ng: services.nixfarm.farm.builders.{b.name}.protocol = "ssh-ng"',
+            )
+            return
+        self.add(
+            "trust",
+            OK,
+            f"the builder's Nix daemon does not trust {b.ssh_user} ({how}): a stolen client key cannot "
+            "take root there, and inputs must be signed by a key it trusts",
         )
 
     # -- from the snapshot -------------------------------------------------------
@@ -859,7 +1011,10 @@ def _words(value: Any) -> set[str]:
 async def diagnose(inventory: Inventory, timeouts: Timeouts | None = None) -> list[Report]:
     """Check every builder, concurrently; reports in inventory order."""
     key = check_key_file(inventory.key_file)
-    doctors = [BuilderDoctor(inventory, b, key, timeouts or Timeouts()) for b in inventory.builders]
+    client_checks = check_signing(inventory)
+    doctors = [
+        BuilderDoctor(inventory, b, key, timeouts or Timeouts(), client_checks) for b in inventory.builders
+    ]
     return list(await asyncio.gather(*(d.run() for d in doctors)))
 
 
@@ -876,7 +1031,7 @@ def render(reports: list[Report]) -> str:
         )
         for c in r.checks:
             fix = f" -- fix: {c.fix}" if c.fix and c.status in (FAIL, WARN) else ""
-            lines.append(f"  {_LABEL[c.status]:<5} {c.name:<11} {c.message}{fix}")
+            lines.append(f"  {_LABEL[c.status]:<5} {c.name:<14} {c.message}{fix}")
     bad = [r.builder.name for r in reports if not r.usable]
     if bad:
         lines.append(f"{len(bad)} of {len(reports)} builders unusable: {', '.join(bad)}")

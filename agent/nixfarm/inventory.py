@@ -2,7 +2,9 @@
 
 The NixOS client module writes it (/etc/nixfarm/inventory.json):
 
-    {"client": {"name": "alice", "key_file": "/etc/nixfarm/id_ed25519"},
+    {"trust": "untrusted",
+     "client": {"name": "alice", "key_file": "/etc/nixfarm/id_ed25519",
+                "signing_key_file": "/var/lib/nixfarm-client/signing-key"},
      "builders": [{"name": "big", "host_name": "big.example", "address": "10.0.0.2",
                    "port": 22, "protocol": "ssh-ng", "ssh_user": "nixfarm",
                    "systems": ["x86_64-linux"], "features": ["big-parallel"],
@@ -11,6 +13,14 @@ The NixOS client module writes it (/etc/nixfarm/inventory.json):
 
 Validated on load; every error names the key (builders[2].host_key) and says
 what it must be.
+
+`trust` is the farm's mode (services.nixfarm.farm.trust): "untrusted", where
+builders do not trust their clients and accept only inputs signed by a key
+they trust, or "trusted". Inventories written before the mode existed have
+none and mean "trusted" (the builder user was a trusted Nix user then).
+`client.signing_key_file` is the secret key this client's Nix signs with
+(`secret-key-files`), or null where the farm is trusted; a top-level
+`signing_key_file` beside "trust" is read as the same field.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ MAX_INVENTORY_BYTES = 4 << 20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*")
 PROTOCOLS = ("ssh-ng", "ssh")
+TRUST_MODES = ("untrusted", "trusted")
 
 
 class Builder:
@@ -97,6 +108,11 @@ class Inventory:
             raise ConfigError(f'{source}: "client" must be an object with "name" and "key_file"')
         self.client_name: str = _get(client, "name", str, "client")
         self.key_file: str = _get(client, "key_file", str, "client")
+        self.signing_key_file: str | None = _signing_key_file(client, data)
+        trust = data.get("trust", "trusted")  # absent: an inventory from before the trust mode
+        if trust not in TRUST_MODES:
+            raise ConfigError(f'{source}: "trust" must be "untrusted" or "trusted", got {trust!r}')
+        self.trust: str = trust
         builders = data.get("builders")
         if not isinstance(builders, list) or not builders:
             raise ConfigError(f'{source}: "builders" must be a non-empty list')
@@ -107,6 +123,22 @@ class Inventory:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"{source}: builder names must be unique; repeated: {', '.join(duplicates)}")
+
+
+def _signing_key_file(client: dict[str, Any], top: dict[str, Any]) -> str | None:
+    """client.signing_key_file; a top-level signing_key_file is read too (where a client module
+    put it beside "trust"), and the two may not disagree."""
+    found: dict[str, str] = {}
+    for where, data in (("client.signing_key_file", client), ("signing_key_file", top)):
+        value = data.get("signing_key_file")
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{where}: must be an absolute path or null, got {value!r}")
+        found[where] = value
+    if len(set(found.values())) > 1:
+        raise ConfigError(f"client.signing_key_file and signing_key_file disagree: {found}")
+    return next(iter(found.values()), None)
 
 
 def _get(data: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
