@@ -49,6 +49,17 @@ let
     fi
   '';
 
+  # Nix signs what it builds itself, not what a remote build sends back: unsigned, such
+  # an output is refused as an input by the next untrusted builder. Nix runs the
+  # post-build-hook for remote builds too, with their outputs in $OUT_PATHS.
+  signOutputs = pkgs.writeShellScriptBin "nixfarm-sign-outputs" ''
+    set -eu
+    # shellcheck disable=SC2086 # one word per path
+    exec ${config.nix.package}/bin/nix --extra-experimental-features nix-command \
+      store sign --key-file ${lib.escapeShellArg cfg.signingKeyFile} $OUT_PATHS
+  '';
+  sshBuilders = lib.attrNames (lib.filterAttrs (_: b: b.protocol != "ssh-ng") builders);
+
   jsonFormat = pkgs.formats.json { };
   # What `nixfarm dispatch` reads: the builders as this client reaches them,
   # and the line Nix uses for each when the dispatcher knows nothing better.
@@ -134,6 +145,20 @@ in
         {option}`services.nixfarm.farm.clients.<name>.signingKey`. A path
         string, never a Nix path. Paths built before the key existed are
         signed with `nixfarm sign-store`.
+      '';
+    };
+
+    signRemoteOutputs = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        With {option}`services.nixfarm.farm.trust` `"untrusted"`: sign what
+        remote builds send back, with {option}`signingKeyFile`, from Nix's
+        `post-build-hook` (Nix runs it for remote builds too). Nix signs only
+        what it builds itself, and the next untrusted builder refuses an
+        unsigned output as an input. If you have a `post-build-hook` of your
+        own, set this to `false` and run `nixfarm-sign-outputs` (installed,
+        reads `$OUT_PATHS`) from it.
       '';
     };
 
@@ -230,8 +255,8 @@ in
   };
 
   config = mkIf cfg.enable {
-    # `nixfarm status` for the client's users.
-    environment.systemPackages = [ cfg.package ];
+    # `nixfarm status` for the client's users; nixfarm-sign-outputs for a post-build-hook of one's own.
+    environment.systemPackages = [ cfg.package ] ++ lib.optional untrusted signOutputs;
 
     assertions = [
       {
@@ -241,6 +266,15 @@ in
           build hook sends untrusted builders what they can build from Nix 2.16 on. Use Nix 2.16
           or later (nix.package), or set services.nixfarm.farm.trust = "trusted" (README "Threat
           model").
+        '';
+      }
+      {
+        assertion = !untrusted || sshBuilders == [ ];
+        message = ''
+          services.nixfarm.farm.trust is "untrusted", but ${lib.concatStringsSep ", " sshBuilders} use
+          protocol "ssh": an untrusted builder refuses input-addressed builds over nix-store --serve
+          ("you are not privileged to build input-addressed derivations"). Set their protocol to
+          "ssh-ng" in services.nixfarm.farm.builders.
         '';
       }
       {
@@ -301,6 +335,9 @@ in
 
     # Sign what this client's Nix builds, for untrusted builders to accept it as input.
     nix.settings.secret-key-files = mkIf untrusted [ cfg.signingKeyFile ];
+    # Not mkDefault: a post-build-hook of your own then stops evaluation with both named
+    # (set signRemoteOutputs = false and run nixfarm-sign-outputs from yours).
+    nix.settings.post-build-hook = mkIf (untrusted && cfg.signRemoteOutputs) "${signOutputs}/bin/nixfarm-sign-outputs";
     systemd.services.nixfarm-signing-key = mkIf untrusted {
       description = "nixfarm: this client's Nix signing key";
       wantedBy = [ "multi-user.target" ];

@@ -235,7 +235,10 @@ def test_untrusted_builders_trust_only_the_clients_signing_keys(facts: dict[str,
 def test_untrusted_clients_sign_with_a_key_made_at_boot(facts: dict[str, Any]) -> None:
     client = facts["untrusted"]["client"]
     assert client["failedAssertions"] == [] and client["warnings"] == []
-    assert conf_lines(client["nixConf"])["secret-key-files"] == "/var/lib/nixfarm-client/signing-key"
+    conf = conf_lines(client["nixConf"])
+    assert conf["secret-key-files"] == "/var/lib/nixfarm-client/signing-key"
+    # What remote builds send back is signed too, for the next untrusted builder.
+    assert conf["post-build-hook"].endswith("/bin/nixfarm-sign-outputs")
     unit = client["signingUnit"]
     assert unit["Type"] == "oneshot" and unit["RemainAfterExit"] is True
     assert unit["before"] == ["nix-daemon.service"] and unit["requiredBy"] == ["nix-daemon.service"]
@@ -252,6 +255,8 @@ def test_untrusted_mode_names_what_is_missing(facts: dict[str, Any]) -> None:
     untrusted = facts["untrusted"]
     (warning,) = untrusted["unsignedWarnings"]
     assert "services.nixfarm.farm.clients: ci have no signingKey" in warning
+    ssh = " ".join(" ".join(untrusted["sshBuilderClient"]).split())
+    assert 'small use protocol "ssh": an untrusted builder refuses' in ssh
     for failed in (untrusted["oldNixBuilder"], untrusted["oldNixClient"]):
         message = "\n".join(failed)
         assert "Nix is 2.15.3" in message and "2.16" in message

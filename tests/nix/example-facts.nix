@@ -115,6 +115,12 @@ in
         };
       };
       unsignedWarnings = unsigned.warnings;
+      sshBuilderClient = failed (
+        machine "client" "laptop" [
+          farmUntrusted
+          { services.nixfarm.farm.builders.small.protocol = "ssh"; }
+        ]
+      );
       oldNixBuilder = failed (oldNix "builder" "big");
       oldNixClient = failed (oldNix "client" "laptop");
       trustedBuilderConf = etcText (machine "builder" "big" [ ]) "nix/nix.conf";
