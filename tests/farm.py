@@ -178,6 +178,16 @@ class Builder:
             result.append((int(pid), args.strip()))
         return result
 
+    def kill_sshd(self) -> None:
+        """Stop the builder's SSH service: sshd and every connection it serves. OpenSSH 10
+        serves each connection in sshd-session (and sshd-auth), which outlive sshd itself."""
+        self.exec(["pkill", "-x", "sshd|sshd-session|sshd-auth"], check=False)
+        deadline = time.monotonic() + 5
+        while any(cmd.startswith("sshd") for _, cmd in self.processes()):
+            if time.monotonic() > deadline:
+                raise FarmError(f"sshd on {self.name} survived pkill")
+            time.sleep(0.05)
+
     def set_link(self, up: bool) -> None:
         """Cut or restore the builder's network (its veth, from the host side)."""
         with IPRoute() as ipr:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import Client, NixPair
 from farm import Builder, Farm
+from nix_root import NIX_VERSIONS
 from nixfarm.atomic import write_atomic
 
 INTERVAL, KEEPALIVE, BACKOFF = 1.0, 1.0, 2.0
@@ -63,10 +64,13 @@ class Dispatcher:
         assert self.proc.wait(timeout=10) == 0, self.log.read_text()
 
 
-@pytest.fixture
-def three(farm: Farm) -> Iterator[tuple[list[Builder], Dispatcher]]:
+@pytest.fixture(params=NIX_VERSIONS, ids=lambda v: f"builders{v}")
+def three(farm: Farm, request: pytest.FixtureRequest) -> Iterator[tuple[list[Builder], Dispatcher]]:
+    """Three builders on one Nix (2.8, then 2.26 with OpenSSH 10), listed by a dispatcher."""
     farm.add_client("alice")
-    builders = [farm.add_builder(n, clients={"alice": "build"}, max_jobs=2) for n in ("b1", "b2", "b3")]
+    builders = [
+        farm.add_builder(n, {"alice": "build"}, max_jobs=2, nix=request.param) for n in ("b1", "b2", "b3")
+    ]
     dispatcher = Dispatcher(farm, builders)
     dispatcher.wait("all listed", lambda: dispatcher.listed() == {"b1", "b2", "b3"})
     yield builders, dispatcher
@@ -80,7 +84,7 @@ def built_on(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 def test_builds_go_to_healthy_builders_only(three: tuple[list[Builder], Dispatcher], client: Client) -> None:
     (*_, b3), dispatcher = three
-    b3.exec(["pkill", "-x", "sshd"])
+    b3.kill_sshd()
     dispatcher.wait("b3 leaves", lambda: "b3" not in dispatcher.listed())
 
     placed = built_on(client.build(f"@{dispatcher.machines}", count=6, seconds=1))
@@ -96,7 +100,7 @@ def test_a_dead_builder_leaves_in_time_and_comes_back(
 ) -> None:
     (*_, b3), dispatcher = three
     if how == "sshd":
-        b3.exec(["pkill", "-x", "sshd"])
+        b3.kill_sshd()
     else:
         b3.set_link(up=False)
 

@@ -164,7 +164,7 @@ def test_sshd_down_is_refused_and_other_builders_stay_usable(farm: Farm) -> None
     good = farm.add_builder("good", clients={"alice": "build"})
     down = farm.add_builder("down", clients={"alice": "build"})
     inventory = farm.write_inventory("alice", [good, down])
-    down.exec(["pkill", "-x", "sshd"])
+    down.kill_sshd()
     deadline = time.monotonic() + 10
     while any("sshd" in cmd for _, cmd in down.processes()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,26 +1,27 @@
-"""Counting this client's builds that wait for a machine from the passes of real Nix's build hook."""
+"""Counting this client's builds that wait for a machine from the passes of real Nix's build hook,
+Nix 2.8's and 2.26's (whose hook opens main-lock and every slot file per pass as 2.8's does)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
+import pytest
+
 from conftest import Client
 from farm import Farm
+from nix_root import NIX_VERSIONS
 from nixfarm.passes import HookPasses
 from nixfarm.slots import SlotHolds, flocked_inodes
 
-CURRENT_LOAD = "/nix/var/nix/current-load"  # the host store's: `Client` builds there
 
-
-def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Farm) -> None:
+@pytest.mark.parametrize("nix", NIX_VERSIONS)
+def test_waiting_builds_are_counted_per_builder_and_taken_ones_are_not(farm: Farm, nix: str) -> None:
     key = farm.add_client("alice")
     b1, b2 = (farm.add_builder(n, clients={"alice": "build"}, max_jobs=2) for n in ("b1", "b2"))
     uris = [f"ssh-ng://nixfarm@{b.address}" for b in (b1, b2)]
-    os.makedirs(CURRENT_LOAD, exist_ok=True)
-    holds, passes = SlotHolds(CURRENT_LOAD), HookPasses(CURRENT_LOAD, window=2.0)
-    client = Client(farm.root, poll_interval=1)
+    client = Client(farm.root, poll_interval=1, nix=nix)
+    holds, passes = SlotHolds(client.current_load), HookPasses(client.current_load, window=2.0)
     machines = "\n".join(b.machines_line(key, max_jobs=2) for b in (b1, b2))
     accepted: list[float] = []  # when a hook took a slot, seen as the dispatcher sees it
     taken: set[str] = set()
