@@ -421,6 +421,34 @@ in
       # The shared connections' sockets: whoever may open one runs builds as this client.
       ++ lib.optional cfg.connectionSharing.enable "d ${controlDir} 0700 root root - -";
 
+    # A master connection to every builder, kept up before any build needs one: builds that
+    # start at once with none up race to become it, and Nix 2.16+ then loses some
+    # (NixOS/nix#14132; README "Connection sharing").
+    systemd.services.nixfarm-ssh-masters = mkIf cfg.connectionSharing.enable {
+      description = "nixfarm: one shared SSH connection to every builder, for nix-daemon's ssh";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        # As root, with root's ssh_config block and key, as nix-daemon's ssh.
+        ExecStart = lib.escapeShellArgs (
+          [
+            (lib.getExe cfg.package)
+            "ssh-masters"
+            "--ssh"
+            "${config.programs.ssh.package}/bin/ssh"
+          ]
+          ++ lib.mapAttrsToList (_: b: b.hostName) builders
+        );
+        Restart = "always";
+        RestartSec = "5s";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = [ controlDir ];
+        ProtectHome = "read-only";
+      };
+    };
+
     systemd.services.nixfarm-dispatch = mkIf cfg.dispatcher.enable {
       description = "nixfarm dispatcher: keeps Nix's machines file true to the builders' load";
       wantedBy = [ "multi-user.target" ];

@@ -319,6 +319,12 @@ def test_client_ssh_config(facts: dict[str, Any]) -> None:
     for line in ["ControlMaster auto", "ControlPath /run/nixfarm-ssh/%C", "ControlPersist 60"]:
         assert f"  {line}\n" in sharing + "\n", line
     assert "d /run/nixfarm-ssh 0700 root root - -" in facts["client"]["tmpfiles"]
+    # A master to every builder kept up, so that builds starting at once do not race to be it.
+    masters = facts["client"]["masters"]
+    argv = masters["ExecStart"].split()
+    assert argv[1:3] == ["ssh-masters", "--ssh"] and argv[3].endswith("/bin/ssh")
+    assert sorted(argv[4:]) == ["big.example.org", "small.example.org"]
+    assert masters["Restart"] == "always" and masters["ReadWritePaths"] == ["/run/nixfarm-ssh"]
     # Our Host blocks come before nixpkgs' generated `Host *` section.
     assert ssh.index("Host small.example.org") < ssh.index("Host *")
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -223,3 +225,39 @@ def test_real_nix_builds_as_the_shared_connection_expires(farm: Farm, builder_22
         outcomes.append(client.build("ssh-ng"))
         time.sleep(random.uniform(0.8, 1.3))
     assert outcomes == ["ok"] * 6
+
+
+def test_real_nix_bursts_with_the_masters_kept_up(farm: Farm) -> None:
+    """Builds that start four at a time, each burst after the last shared connection
+    expired: without a master kept up some are lost (module docstring); `nixfarm
+    ssh-masters`, as the client module runs it, keeps one up and none is."""
+    farm.add_client("alice")
+    b = farm.add_builder("b1", clients={"alice": "build"}, nix="2.26", max_jobs=4)
+    client = NixClient(farm, b, persist=1)
+    # The client's own ssh (OpenSSH 10, in the Nix 2.26 root) with the module's block.
+    ssh = farm.root / "client-ssh"
+    ssh.write_text(
+        "#!/bin/sh\nexec " + shlex.join(client.nix.argv(["ssh", "-F", str(client.config)])) + ' "$@"\n'
+    )
+    ssh.chmod(0o755)
+    keeper = subprocess.Popen(
+        [farm.nixfarm, "ssh-masters", "--ssh", str(ssh), "b1"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not client.master_running():
+            if keeper.poll() is not None or time.monotonic() > deadline:
+                keeper.terminate()
+                raise AssertionError(f"no master came up: {keeper.communicate(timeout=10)[1]}")
+            time.sleep(0.2)
+        subprocess.run(client.nix.argv(["ssh", "-F", str(client.config), "-O", "exit", "b1"]), timeout=30)
+        outcomes = []
+        for _ in range(8):
+            time.sleep(2.5)  # the keeper has brought a master back after the one it had
+            with ThreadPoolExecutor(4) as pool:
+                outcomes += list(pool.map(lambda _: client.build("ssh-ng"), range(4)))
+        assert outcomes == ["ok"] * 32
+        assert b.logins() <= 3, "the builds did not share the kept connection"
+    finally:
+        keeper.terminate()
+        keeper.wait(timeout=10)

@@ -339,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
+        "ssh-masters",
+        help="keep one shared SSH connection to every builder open (connection sharing)",
+        allow_abbrev=False,
+        description="Run as root on a client whose ssh_config shares connections (the client module's "
+        "connectionSharing): check every 2 s that each HOST has a master connection, and open one "
+        "(ssh -N -f, ControlPersist yes) where there is none, so that builds starting at once never race "
+        "to become the master (README 'Connection sharing'). Runs until stopped.",
+    )
+    p.add_argument("hosts", nargs="+", metavar="HOST", help="the builders, by the names Nix's ssh uses")
+    p.add_argument("--ssh", default="ssh", metavar="PROGRAM", help="the ssh to run (default: ssh from PATH)")
+
+    p = sub.add_parser(
         "agent",
         help="the builder service (sd_notify, watchdog)",
         allow_abbrev=False,
@@ -670,6 +682,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_usage(
                 args.inventory, args.machines or DEFAULT_MACHINES, args.since, args.by, args.json
             )
+        if args.command == "ssh-masters":
+            from . import logs
+            from .masters import run_masters
+
+            logs.setup("nixfarm.masters", "nixfarm-ssh-masters")
+            return run_masters([args.ssh], args.hosts)
         config = load_config(args.config)
         if args.command == "accounts":
             return print_accounts(config, args.since)
