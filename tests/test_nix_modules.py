@@ -273,6 +273,8 @@ def test_client_dispatcher_unit(facts: dict[str, Any]) -> None:
         "/var/lib/nixfarm-client/machines",
         "--build-poll-interval",
         "1",
+        "--lock-names",  # nix.package is CppNix here: only its slot lock names are held
+        "nix",
     ]
     assert "nixfarm-seed-machines" in service["ExecStartPre"]
     # However it stops, Nix goes back to the static lines (the dispatcher's rely on its locks).
