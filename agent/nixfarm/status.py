@@ -124,6 +124,7 @@ def run_status(machines_path: str, as_json: bool, watch: bool) -> int:
     if not watch:
         console.print(render(read_status(path), time.time()))
         return 0
+
     def screen() -> Any:
         # As many builders as fit (a row is one line, the table's frame and title ~6 more):
         # rich draws the whole renderable before it crops it to the screen.
