@@ -64,8 +64,8 @@ print(json.dumps({"median_ms": statistics.median(ms),
 
 SPAWN_CODE = """
 import subprocess, sys
-ps = [subprocess.Popen(["sleep", "100000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       start_new_session=True) for _ in range(int(sys.argv[1]))]
+quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+ps = [subprocess.Popen(["sleep", "100000"], start_new_session=True, **quiet) for _ in range(int(sys.argv[1]))]
 print(" ".join(str(p.pid) for p in ps))
 """
 

@@ -450,6 +450,9 @@ in
     };
 
     systemd.services.nixfarm-dispatch = mkIf cfg.dispatcher.enable {
+      # Hold only the slot lock files this Nix reads (Lix names them its own way):
+      # both namings cost the dispatcher a fifth more CPU with 300 builders (bench/README.md).
+      environment.NIXFARM_LOCK_NAMES = if lib.getName config.nix.package == "lix" then "lix" else "nix";
       description = "nixfarm dispatcher: keeps Nix's machines file true to the builders' load";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
@@ -475,12 +478,6 @@ in
             # a builder may hold ahead (README "The formula").
             "--build-poll-interval"
             (toString config.nix.settings.build-poll-interval)
-          ]
-          # Lix names its slot lock files its own way: hold only those. For Nix the
-          # dispatcher's default holds both namings (the second costs a few hard links).
-          ++ lib.optionals (lib.getName config.nix.package == "lix") [
-            "--lock-names"
-            "lix"
           ]
           ++ cfg.dispatcher.extraArgs
         );

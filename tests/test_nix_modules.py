@@ -351,6 +351,8 @@ def test_client_dispatcher_unit(facts: dict[str, Any]) -> None:
         "--build-poll-interval",
         "1",
     ]
+    # nix.package is CppNix here: only its slot lock names are held.
+    assert facts["client"]["dispatcherEnvironment"]["NIXFARM_LOCK_NAMES"] == "nix"
     assert "nixfarm-seed-machines" in service["ExecStartPre"]
     # However it stops, Nix goes back to the static lines (the dispatcher's rely on its locks).
     assert service["ExecStopPost"] == service["ExecStartPre"]

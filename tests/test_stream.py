@@ -126,7 +126,7 @@ def gateways_and_waiters(builder: Builder) -> tuple[int, int]:
     return gateways, sum(c.strip() == "cat" for c in commands)
 
 
-def wait_for(builder: Builder, want: tuple[int, int], seconds: float = 5) -> None:
+def wait_for(builder: Builder, want: tuple[int, int], seconds: float = 15) -> None:
     deadline = time.monotonic() + seconds
     while gateways_and_waiters(builder) != want and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -160,9 +160,11 @@ def test_streams_share_the_agent_s_snapshots_and_keep_no_python_process(
     b = relay_farm
     alice, watcher = stream(farm, "alice", b), stream(farm, "watcher", b)
     try:
-        seen = {name: read_snapshots(p, 4) for name, p in (("alice", alice), ("watcher", watcher))}
+        # Six each: a session that starts a few seconds after the other (a slow start on a
+        # busy machine) still shares several snapshots with it.
+        seen = {name: read_snapshots(p, 6) for name, p in (("alice", alice), ("watcher", watcher))}
         for snaps in seen.values():
-            assert [s["schema"] for s in snaps] == [1, 1, 1, 1]
+            assert [s["schema"] for s in snaps] == [1] * 6
         stamps = {name: {s["timestamp"] for s in snaps} for name, snaps in seen.items()}
         # One snapshot, served to both: the same timestamps, not one set per stream.
         assert len(stamps["alice"] & stamps["watcher"]) >= 2, stamps

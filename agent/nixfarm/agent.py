@@ -169,6 +169,8 @@ class Agent:
             self.log.warning("%s", warning)
         if self.streams:
             self.streams.publish(json.dumps(self.last_snapshot, sort_keys=True).encode() + b"\n")
+            while self.streams.problems:
+                self.log.error("%s", self.streams.problems.pop(0))
 
     def _status_line(self) -> str:
         snap = self.last_snapshot

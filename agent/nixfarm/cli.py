@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lock-names",
         choices=("both", "nix", "lix"),
-        default="both",
-        help="whose slot lock file names to hold: Nix's (CppNix 2.x), Lix's, or both (the default; "
-        "the client module passes the one its Nix uses)",
+        default=os.environ.get("NIXFARM_LOCK_NAMES", "both"),
+        help="whose slot lock file names to hold: Nix's (CppNix 2.x), Lix's, or both (the default, "
+        "or $NIXFARM_LOCK_NAMES, which the client module sets to its Nix's)",
     )
     p.add_argument(
         "--current-load",

@@ -162,6 +162,7 @@ class StreamServer:
         self.snapshot_interval = snapshot_interval
         self.max_streams = max_streams
         self.demand: dict[str, int] = {}  # the live streams' clients' counts (replaced, never changed)
+        self.problems: list[str] = []  # unexpected errors, for the agent to log
         self._latest = b""
         self._current: tuple[bytes, dict[str, bytes]] = (b"", {})
         self._streams: dict[int, _Stream] = {}  # by its connection's fd
@@ -210,7 +211,10 @@ class StreamServer:
     def _run(self) -> None:
         while not self._stopping:
             for key, _ in self._selector.select(timeout=1.0):
-                key.data(key)
+                try:
+                    key.data(key)
+                except Exception as e:  # one stream's trouble must not stop the others
+                    self.problems.append(f"stream server: {type(e).__name__}: {e}")
         for stream in list(self._streams.values()):
             self._end(stream)
         self.sock.close()
@@ -340,12 +344,12 @@ class StreamServer:
             return
         self._selector.unregister(stream.conn)
         self._selector.unregister(stream.stdin)
+        if stream.client and not any(s.client == stream.client for s in self._streams.values()):
+            self.demand = {k: v for k, v in self.demand.items() if k != stream.client}
         for fd in (stream.stdin, stream.stdout):
             with contextlib.suppress(OSError):
                 os.close(fd)
         stream.conn.close()  # its `cat` reads the end: it exits, and sshd ends the session
-        if stream.client and not any(s.client == stream.client for s in self._streams.values()):
-            self.demand = {k: v for k, v in self.demand.items() if k != stream.client}
 
 
 def start_server(config: AgentConfig, warn: Callable[[str], None]) -> StreamServer | None:

@@ -75,6 +75,7 @@ in
     sshConfig = client.environment.etc."ssh/ssh_config".text;
     knownHosts = client.environment.etc."ssh/ssh_known_hosts".text;
     dispatcher = client.systemd.services.nixfarm-dispatch.serviceConfig;
+    dispatcherEnvironment = client.systemd.services.nixfarm-dispatch.environment;
     masters = client.systemd.services.nixfarm-ssh-masters.serviceConfig;
     tmpfiles = client.systemd.tmpfiles.rules;
     inventory = client.environment.etc."nixfarm/inventory.json".source.value or null;
