@@ -38,24 +38,33 @@ def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, SOCKET_NAME)
 
 
+def listen_unix(path: str, group: str, backlog: int) -> socket.socket:
+    """A listening Unix socket at `path` for root and `group` only (root only without one).
+
+    KeyError if there is no such group.
+    """
+    if os.path.exists(path):
+        os.unlink(path)  # left by an agent that did not stop cleanly
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o117)  # never world-accessible, not even for a moment
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if group:
+        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(path, 0o660 if group else 0o600)
+    sock.listen(backlog)
+    return sock
+
+
 class ControlServer:
     """Accepts requests in a background thread and hands each to `handler`."""
 
     def __init__(self, path: str, group: str, handler: Handler) -> None:
         self.path = path
         self.handler = handler
-        if os.path.exists(path):
-            os.unlink(path)  # left by an agent that did not stop cleanly
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o117)  # never world-accessible, not even for a moment
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        if group:
-            os.chown(path, 0, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o660 if group else 0o600)
-        self.sock.listen(8)
+        self.sock = listen_unix(path, group, 8)
         threading.Thread(target=self._accept, name="control", daemon=True).start()
 
     def close(self) -> None:

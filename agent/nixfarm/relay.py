@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import grp
 import json
 import os
 import selectors
@@ -36,6 +35,7 @@ import socket
 import threading
 import time
 
+from .control import listen_unix
 from .demand import Lines, is_count
 from .gateway import CLIENT_NAME
 from .privacy import snapshot_for
@@ -169,18 +169,7 @@ class StreamServer:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
-        if os.path.exists(path):
-            os.unlink(path)  # left by an agent that did not stop cleanly
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o117)  # never world-accessible, not even for a moment
-        try:
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        if group:
-            os.chown(path, 0, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o660 if group else 0o600)
-        self.sock.listen(64)
+        self.sock = listen_unix(path, group, 64)
         self.sock.setblocking(False)
         self._selector.register(self.sock, selectors.EVENT_READ, self._accept)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._woken)
