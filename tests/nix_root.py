@@ -84,27 +84,10 @@ def root_key() -> str:
 
 def build_root(target: Path) -> None:
     """debootstrap Debian 13 into `target`, add the agent's requirements, check it works."""
-    from systemd_host import SystemdHostError, _run_logged, debian_mirror, pip_requirements
+    from systemd_host import SystemdHostError, debootstrap, pip_into_root, pip_requirements
 
-    mirror = debian_mirror()  # the machine's Debian 12 mirror: it serves trixie too
     try:
-        _run_logged(
-            # In a mount namespace of its own: what debootstrap mounts in the target goes with it.
-            ["unshare", "--mount", "--propagation", "private",
-             "debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-             SUITE, str(target), mirror],
-            f"debootstrap of Debian {SUITE} from {mirror}",
-            900,
-            f"it needs network access to the Debian mirror {mirror} (from /etc/apt/sources.list*)",
-        )  # fmt: skip
-        # debootstrap exits 0 even when a package failed to configure: check them all.
-        r = subprocess.run(
-            ["chroot", str(target), "dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n", *PACKAGES],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        broken = [line for line in r.stdout.splitlines() if not line.rstrip().endswith("ii")]
-        if r.returncode != 0 or broken:
-            raise NixRootError(f"debootstrap left packages not installed: {broken or r.stderr.strip()}")
+        debootstrap(target, SUITE, PACKAGES)
         for d in MOUNT_POINTS:
             (target / d).mkdir(mode=0o755, parents=True, exist_ok=True)
         launcher = target / LAUNCHER.lstrip("/")
@@ -113,18 +96,7 @@ def build_root(target: Path) -> None:
             "from nixfarm.cli import main\nsys.exit(main())\n"
         )
         launcher.chmod(0o755)
-        python = run_in(target, ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-        requirements = pip_requirements()
-        _run_logged(
-            # The host's pip, for the root's Python; wheels only, so nothing is compiled
-            # against the host's libraries.
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             "--only-binary=:all:", "--python-version", python,
-             "--target", str(target / f"usr/local/lib/python{python}/dist-packages"), *requirements],
-            f"pip install {' '.join(requirements)} into the Nix 2.26 root",
-            600,
-            "it needs the Python package index (PyPI) that pip is configured with",
-        )  # fmt: skip
+        pip_into_root(target, pip_requirements())
         run_in(target, ["python3", "-c", "import asyncssh, pyroute2, rich"])
         # (Not `nix-store --version`: Nix needs /proc, which a chroot here has not.)
         version = run_in(target, ["dpkg-query", "-W", "-f=${Version}", "nix-bin"])

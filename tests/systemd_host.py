@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -278,23 +278,23 @@ def _run_logged(argv: list[str], what: str, timeout: float, hint: str) -> None:
         raise SystemdHostError(f"{what} failed (exit {r.returncode}); {hint}\n{tail}")
 
 
-def build_root(target: Path) -> None:
-    """debootstrap a root into `target`, add the pip packages, check that it works."""
+def debootstrap(target: Path, suite: str, packages: Sequence[str]) -> None:
+    """A minimal Debian `suite` with `packages` in `target`, every package installed."""
     mirror = debian_mirror()
     _run_logged(
         # In a mount namespace of its own: whatever debootstrap mounts in the
         # target (/proc, /sys) goes away with it, even if it is killed.
         ["unshare", "--mount", "--propagation", "private",
-         "debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-         SUITE, str(target), mirror],
-        f"debootstrap of Debian {SUITE} from {mirror}",
+         "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
+         suite, str(target), mirror],
+        f"debootstrap of Debian {suite} from {mirror}",
         900,
         f"it needs network access to the Debian mirror {mirror} (from /etc/apt/sources.list*)",
     )  # fmt: skip
     # debootstrap exits 0 even when a package failed to configure: check them all.
     r = subprocess.run(
         ["chroot", str(target), "dpkg-query", "-W", "-f=${Package} ${db:Status-Abbrev}\n",
-         *PACKAGES],
+         *packages],
         capture_output=True, text=True,
     )  # fmt: skip
     broken = [line for line in r.stdout.splitlines() if not line.rstrip().endswith("ii")]
@@ -302,15 +302,18 @@ def build_root(target: Path) -> None:
         raise SystemdHostError(
             f"debootstrap left packages not installed in the root: {broken or r.stderr.strip()}"
         )
+
+
+def pip_into_root(target: Path, requirements: Sequence[str]) -> None:
+    """`requirements` for the root's own Python, by the host's pip."""
     python = subprocess.run(
         ["chroot", str(target), "python3", "-c",
          "import sys; print('%d.%d' % sys.version_info[:2])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    requirements = pip_requirements()
     _run_logged(
-        # The host's pip, for the root's Python version; wheels only, so nothing
-        # is compiled against the host's libraries.
+        # Wheels only, for the root's Python version: nothing is compiled
+        # against the host's libraries.
         [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
          "--only-binary=:all:", "--python-version", python,
          "--target", str(target / f"usr/local/lib/python{python}/dist-packages"),
@@ -319,6 +322,12 @@ def build_root(target: Path) -> None:
         600,
         "it needs the Python package index (PyPI) that pip is configured with",
     )  # fmt: skip
+
+
+def build_root(target: Path) -> None:
+    """debootstrap a root into `target`, add the pip packages, check that it works."""
+    debootstrap(target, SUITE, PACKAGES)
+    pip_into_root(target, pip_requirements())
     _run_logged(
         ["chroot", str(target), "python3", "-c",
          "import asyncssh, gi, pydbus, pyroute2, systemd.daemon, systemd.journal"],
