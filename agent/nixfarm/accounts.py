@@ -26,7 +26,6 @@ import logging
 import os
 import select
 import socket
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from . import attribution, buildlog
 from .atomic import write_atomic
 from .inotify import IN_CLOSE_WRITE, Inotify, InotifyUnavailable
 from .sessions import live_sessions, sessions_dir, start_ticks
+from .store import DB_PATH, StoreError, valid_paths
 from .traffic import TrafficMeter, destroy_listener
 
 COUNTERS = (
@@ -56,7 +56,6 @@ MAX_RUNNING = 256  # builds listed in a snapshot
 SAVE_EVERY = 10.0
 FAILED_AFTER = 5.0  # seconds for a finished build's outputs to become valid ...
 REGISTERING_FOR = 600.0  # ... or, where they are on disk already, to be hashed and registered
-DB_PATH = "/nix/var/nix/db/db.sqlite"
 
 log = logging.getLogger("nixfarm.agent")
 
@@ -424,21 +423,11 @@ class Accountant:
         self.pending = still
 
     def _valid(self, paths: set[str]) -> set[str]:
-        if not paths:
-            return set()
         try:
-            db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
-            try:
-                rows = db.execute(
-                    f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(paths))})",  # noqa: S608 - placeholders only
-                    sorted(paths),
-                ).fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error as e:
-            log.warning("cannot read the Nix database %s: %s", self.db_path, e)
+            return valid_paths(paths, self.db_path)
+        except StoreError as e:
+            log.warning("%s", e)
             return set()
-        return {row[0] for row in rows}
 
     # -- what snapshots show ------------------------------------------------------
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import asyncssh
 
-from . import nixproto, signing
+from . import nixproto, signing, store
 from .dispatch import BadSnapshot, validate
 from .errors import NixfarmError
 from .inventory import Builder, Inventory, load_inventory
@@ -219,7 +219,7 @@ def check_key_file(path: str) -> KeyFile:
     return KeyFile(Check("key-file", OK, f"{path}: {what}, root's, mode {mode:04o}"), True, public_key)
 
 
-def check_signing(inventory: Inventory, db_path: str = signing.DB_PATH) -> list[Check]:
+def check_signing(inventory: Inventory, db_path: str = store.DB_PATH) -> list[Check]:
     """signing-key and unsigned-paths: this client's side of the untrusted mode (checked once)."""
     if inventory.trust != "untrusted":
         why = "not needed: the farm is in trusted mode, where builders accept this client's paths unsigned"

@@ -23,7 +23,6 @@ import binascii
 import json
 import os
 import re
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -31,8 +30,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError, EnvironmentProblem, NixfarmError
 from .inventory import Inventory, load_inventory
+from .store import count_unsigned  # noqa: F401 - doctor and sign-store read it here
 
-DB_PATH = "/nix/var/nix/db/db.sqlite"
 MAX_KEY_FILE = 4096  # a key line is ~100 bytes
 SIGN_TIMEOUT = 3600  # a big store: one signature per path, each a database write
 KEY_OPTION = "services.nixfarm.client.signingKeyFile"
@@ -126,28 +125,6 @@ def key_file_of(inventory: Inventory, source: str) -> str:
         f"{source}: client.signing_key_file is not set; the client module sets it from {KEY_OPTION} "
         f'where {TRUST_OPTION} = "untrusted"'
     )
-
-
-def count_unsigned(db_path: str = DB_PATH) -> int:
-    """Valid paths of the local store with no signature at all and no content address.
-
-    Those are what an untrusted builder refuses as inputs. Read from Nix's
-    database read-only (ValidPaths.sigs and .ca have been there since Nix 2.0):
-    one query, not a process per path.
-    """
-    if not os.path.exists(db_path):
-        raise EnvironmentProblem(f"Nix database {db_path} not found (no Nix store here?)")
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-        try:
-            row = db.execute(
-                "SELECT count(*) FROM ValidPaths WHERE coalesce(sigs, '') = '' AND coalesce(ca, '') = ''"
-            ).fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        raise EnvironmentProblem(f"cannot read Nix database {db_path}: {e}") from None
-    return int(row[0])
 
 
 def sign_store(key_file: str) -> int | None:

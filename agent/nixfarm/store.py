@@ -11,6 +11,7 @@ Nix 1.x.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -94,6 +95,24 @@ def closure(path: str, db_path: str = DB_PATH) -> list[str]:
     """
     with _connect(db_path) as db:
         return [row[0] for row in db.execute(query, (path,))]
+
+
+def valid_paths(paths: Iterable[str], db_path: str = DB_PATH) -> set[str]:
+    """Which of `paths` are valid (registered) in the store."""
+    wanted = sorted(set(paths))
+    if not wanted:
+        return set()
+    with contextlib.closing(_connect(db_path)) as db:
+        query = f"SELECT path FROM ValidPaths WHERE path IN ({','.join('?' * len(wanted))})"  # noqa: S608 - placeholders only
+        return {row[0] for row in db.execute(query, wanted)}
+
+
+def count_unsigned(db_path: str = DB_PATH) -> int:
+    """Valid paths with no signature at all and no content address: what an untrusted builder
+    refuses as inputs. One query (ValidPaths.sigs and .ca are there since Nix 2.0)."""
+    with contextlib.closing(_connect(db_path)) as db:
+        query = "SELECT count(*) FROM ValidPaths WHERE coalesce(sigs, '') = '' AND coalesce(ca, '') = ''"
+        return int(db.execute(query).fetchone()[0])
 
 
 def _connect(db_path: str) -> sqlite3.Connection:
