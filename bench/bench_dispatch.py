@@ -598,7 +598,7 @@ def stuck_report(a: Attempt) -> dict[str, Any]:
     """What a nix-build that does not finish is doing: it and its children (the build
     hooks, each in a session of its own), and the end of its log."""
     pid = str(a.proc.pid)
-    ps = ["ps", "-o", "pid,ppid,stat,etimes,args", "--pid", pid, "--ppid", pid]
+    ps = ["ps", "-ww", "-o", "pid,ppid,stat,etimes,args", "--pid", pid, "--ppid", pid]
     return {
         "client": a.batch.client,
         "processes": subprocess.run(ps, capture_output=True, text=True).stdout.splitlines(),

@@ -169,7 +169,7 @@ class Builder:
 
     def processes(self) -> list[tuple[int, str]]:
         """(pid, cmdline) of every process in this builder, as it sees them."""
-        out = self.exec(["ps", "-e", "-o", "pid=,args="]).stdout
+        out = self.exec(["ps", "-e", "-ww", "-o", "pid=,args="]).stdout
         result = []
         for line in out.splitlines():
             pid, _, args = line.strip().partition(" ")
