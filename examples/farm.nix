@@ -2,10 +2,13 @@
 # to authorize the clients, the clients to reach the builders.
 # (Example keys: replace them with your machines' own.)
 {
-  # Builders that do not trust their clients (Nix 2.16 or later everywhere):
-  # what a client sends must be signed with its signingKey below. Recommended
-  # wherever a client key could be stolen, e.g. on CI runners (README "Threat model").
-  # trust = "untrusted";
+  # By default builders do not trust their clients (Nix 2.16 or later on every
+  # machine): what a client sends must be signed with its signingKey below, and
+  # a stolen client key (a CI runner's, say) does not own the builders. This
+  # example farm keeps the other mode, where builders trust their clients'
+  # Nix as they would root: the one for farms with a Nix older than 2.16.
+  # Drop this line for the default (README "Threat model").
+  trust = "trusted";
 
   clients = {
     laptop = {

@@ -172,19 +172,19 @@ in
         "untrusted"
         "trusted"
       ];
-      default = "trusted";
+      default = "untrusted";
       description = ''
-        Whether builders trust their clients' Nix; `"untrusted"` is the mode
-        for a farm shared with CI runners or anyone whose key may be stolen.
-        `"untrusted"` (Nix 2.16 or
-        later on builders and clients): the builder user is not in
+        Whether builders trust their clients' Nix.
+        `"untrusted"` (the default; Nix 2.16 or later on builders and
+        clients, protocol `ssh-ng`): the builder user is not in
         `trusted-users`; a client cannot change the daemon's settings or add
         store paths that are not signed with a client key in the inventory
-        ({option}`services.nixfarm.farm.clients.<name>.signingKey`).
-        `"trusted"` (the default, and the only mode for Nix before 2.16): the
-        builder user is a trusted user, which
-        Nix's manual calls essentially equivalent to root; a stolen client key
-        then owns every builder. README "Threat model".
+        ({option}`services.nixfarm.farm.clients.<name>.signingKey`), so a
+        stolen client key (a CI runner's, say) does not own the builders.
+        `"trusted"` (the only mode for Nix before 2.16): the builder user is
+        a trusted user, which Nix's manual calls essentially equivalent to
+        root; a stolen client key then owns every builder. README "Threat
+        model".
       '';
     };
     clients = mkOption {

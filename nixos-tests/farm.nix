@@ -1,8 +1,8 @@
 # The farm of the VM tests, in the style of examples/farm.nix: every node
 # imports it (node.nix). The keys are test-only (keys/README.md).
 {
-  # The builders do not trust the clients' Nix: what reaches them must be signed.
-  trust = "untrusted";
+  # No `trust`: the default, builders that do not trust the clients' Nix; what
+  # reaches them must be signed.
 
   clients = {
     # keys/client.pub: the client's own key, as services.nixfarm.client.sshKey.

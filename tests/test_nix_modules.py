@@ -217,6 +217,7 @@ def test_builder_prometheus_endpoint(facts: dict[str, Any]) -> None:
 
 def test_untrusted_builders_trust_only_the_clients_signing_keys(facts: dict[str, Any]) -> None:
     untrusted = facts["untrusted"]
+    assert untrusted["default"] == "untrusted"  # the mode a farm gets unless it says otherwise
     builder = untrusted["builder"]
     assert builder["failedAssertions"] == [] and builder["warnings"] == []
     conf = conf_lines(builder["nixConf"])
@@ -226,7 +227,7 @@ def test_untrusted_builders_trust_only_the_clients_signing_keys(facts: dict[str,
         "ci-nixfarm-1:6/rle0MoXo/hrWuf40UuuKT8IDamFEgUHa9YcRCApgM=",
     }
     assert conf["trusted-public-keys"].startswith("cache.nixos.org-1:")  # the caches' keys stay
-    # Trusted (the default): the builder user is a trusted user, no client keys.
+    # Trusted (the example farm's mode): the builder user is a trusted user, no client keys.
     trusted = conf_lines(untrusted["trustedBuilderConf"])
     assert set(trusted["trusted-users"].split()) == {"root", "nixfarm"}
     assert "extra-trusted-public-keys" not in trusted
@@ -438,6 +439,8 @@ def test_vm_test_builders_have_their_pinned_host_key(vm_nodes: dict[str, dict[st
         assert "nix/nixfarm_ed25519" not in node["etc"], where
         argv = node["execStart"]["nixfarm-agent"].split()
         assert argv[1:4] == ["--config", "/etc/nixfarm/agent.json", "agent"], where
+        # The VM farm leaves `trust` at its default: the builder user is not a trusted Nix user.
+        assert conf_lines(node["nixConf"])["trusted-users"] == "root", where
 
 
 def test_vm_test_clients_have_their_keys_and_never_build_locally(vm_nodes: dict[str, dict[str, Any]]) -> None:

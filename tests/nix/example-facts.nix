@@ -19,6 +19,12 @@ let
 
   builder = machine "builder" "big" [ ];
   client = machine "client" "laptop" [ ];
+  trustDefault =
+    (import ./eval-example.nix {
+      inherit nixpkgs;
+      hostName = "big";
+      example = ../../examples/builder.nix;
+    }).options.services.nixfarm.farm.trust.default;
   user = builder.services.nixfarm.builder.user;
 in
 {
@@ -84,8 +90,9 @@ in
   # Builders that do not trust their clients (services.nixfarm.farm.trust).
   untrusted =
     let
+      # The example farm sets "trusted"; this is the default it overrides.
       farmUntrusted = {
-        services.nixfarm.farm.trust = "untrusted";
+        services.nixfarm.farm.trust = lib.mkForce trustDefault;
       };
       builder = machine "builder" "big" [ farmUntrusted ];
       client = machine "client" "laptop" [ farmUntrusted ];
@@ -100,6 +107,7 @@ in
       signingUnit = client.systemd.services.nixfarm-signing-key;
     in
     {
+      default = trustDefault;
       builder = {
         failedAssertions = failed builder;
         inherit (builder) warnings;
