@@ -31,8 +31,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from runinfo import check_clean, machine_info, other_farms  # noqa: E402
 
 import farm  # noqa: E402
-from nixfarm.config import AgentConfig  # noqa: E402
-from nixfarm.metrics import Collector  # noqa: E402
+from nixfarm.builder.config import AgentConfig  # noqa: E402
+from nixfarm.builder.metrics import Collector  # noqa: E402
 
 WORKER_MAGIC_1 = 0x6E697863
 WORKER_MAGIC_2 = 0x6478696F

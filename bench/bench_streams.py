@@ -50,8 +50,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 SNAPSHOT_CODE = """
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
-from nixfarm.config import load_config
-from nixfarm.metrics import Collector
+from nixfarm.builder.config import load_config
+from nixfarm.builder.metrics import Collector
 c = Collector(load_config(sys.argv[2]))
 for _ in range(10):
     c.snapshot()

@@ -47,10 +47,11 @@ python3Packages.buildPythonApplication {
   pythonImportsCheck = [
     "nixfarm"
     "nixfarm.cli"
-    "nixfarm.gateway"
-    "nixfarm.dispatch"
-    "nixfarm.status"
-    "nixfarm.doctor"
+    "nixfarm.builder.gateway"
+    "nixfarm.builder.agent"
+    "nixfarm.client.dispatch"
+    "nixfarm.client.status"
+    "nixfarm.client.doctor"
   ];
 
   meta = {

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import Client
 from farm import Builder, Farm
-from nixfarm.status import read_status, render, status_path
+from nixfarm.client.status import read_status, render, status_path
 
 BUILDERS = {"big": 4, "medium": 2, "small": 1}  # name -> build slots
 CLIENTS = ("alice", "bob")

@@ -688,3 +688,11 @@ def leftovers(farm_id: str) -> list[str]:
     if Path(f"/run/{marker}").exists():
         found.append(f"directory /run/{marker}")
     return found
+
+
+def gateways_and_waiters(builder: Builder) -> tuple[int, int]:
+    """The builder's stream processes: Python gateways, and the `cat`s waiting for the agent.
+    (Not the login shell that runs the forced command, which this sshd keeps.)"""
+    commands = [cmd for _, cmd in builder.processes()]
+    gateways = sum("nixfarm gateway" in c and not c.startswith("sh -c") for c in commands)
+    return gateways, sum(c.strip() == "cat" for c in commands)

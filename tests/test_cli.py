@@ -183,7 +183,13 @@ def test_commands_that_reach_builders_print_no_library_warnings(tmp_path: Path) 
     # asyncssh's import once printed ten CryptographyDeprecationWarning lines (DSA) on
     # every such command; with warnings as errors, importing them must still work.
     strict = subprocess.run(
-        [sys.executable, "-W", "error", "-c", "import nixfarm.dispatch, nixfarm.doctor, nixfarm.sshconn"],
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-c",
+            "import nixfarm.client.dispatch, nixfarm.client.doctor, nixfarm.client.sshconn",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -31,11 +31,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_dispatch import Dispatcher
 
 from conftest import Client
+from dispatcher import Dispatcher
 from farm import BUILDER_USER, Builder, Farm
-from nixfarm import nixproto
+from nixfarm.client import nixproto
 
 HOOK_RAN = "/nix/var/nixfarm-hook-ran"  # where the planted hook writes the uid it ran as
 LACKS_SIGNATURE = "because it lacks a signature by a trusted key"
