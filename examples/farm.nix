@@ -7,7 +7,7 @@
   # a stolen client key (a CI runner's, say) does not own the builders. This
   # example farm keeps the other mode, where builders trust their clients'
   # Nix as they would root: the one for farms with a Nix older than 2.16.
-  # Drop this line for the default (README "Threat model").
+  # Drop this line for the default (docs/threat-model.md).
   trust = "trusted";
 
   clients = {

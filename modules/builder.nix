@@ -280,9 +280,9 @@ in
       '';
       description = ''
         The agent and gateway configuration, written to
-        {file}`/etc/nixfarm/agent.json` (keys: see the agent's README; an
-        unknown key stops the agent with an error naming it). Leave out
-        `min_free` and `max_free`: the agent then reads
+        {file}`/etc/nixfarm/agent.json` (keys: docs/builder.md, "Agent
+        configuration"; an unknown key stops the agent with an error naming
+        it). Leave out `min_free` and `max_free`: the agent then reads
         {option}`minFree` and {option}`maxFree` from nix.conf, as Nix does.
         Set them only for the agent to collect at other limits than Nix's own
         (bytes, `"10G"` or `"10%"` of the store's filesystem; a `min_free` of

@@ -183,8 +183,8 @@ in
         stolen client key (a CI runner's, say) does not own the builders.
         `"trusted"` (the only mode for Nix before 2.16): the builder user is
         a trusted user, which Nix's manual calls essentially equivalent to
-        root; a stolen client key then owns every builder. README "Threat
-        model".
+        root; a stolen client key then owns every builder. See
+        docs/threat-model.md.
       '';
     };
     clients = mkOption {
