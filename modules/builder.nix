@@ -317,7 +317,7 @@ in
           services.nixfarm.farm.trust is "untrusted", but this builder's Nix is ${nixVersion}: Nix
           builds input-addressed derivations for untrusted users from 2.16 on. Use Nix 2.16 or
           later (nix.package), or set services.nixfarm.farm.trust = "trusted" (the builder user
-          then is a trusted Nix user, as good as root: README "Threat model").
+          then is a trusted Nix user, as good as root: docs/threat-model.md).
         '';
       }
       {

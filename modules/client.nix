@@ -264,8 +264,8 @@ in
         message = ''
           services.nixfarm.farm.trust is "untrusted", but this client's Nix is ${nixVersion}: its
           build hook sends untrusted builders what they can build from Nix 2.16 on. Use Nix 2.16
-          or later (nix.package), or set services.nixfarm.farm.trust = "trusted" (README "Threat
-          model").
+          or later (nix.package), or set services.nixfarm.farm.trust = "trusted"
+          (docs/threat-model.md).
         '';
       }
       {
@@ -379,7 +379,7 @@ in
       # every build-poll-interval seconds (Nix's default: 5). The dispatcher's
       # held slots postpone builds on purpose, so ask every second. Measured with
       # bench/bench_dispatch.py (3 clients x 12 builds, one run, same formula
-      # variant): 21.9 s -> 13.5 s; bench/results-dispatch-experiments.json.
+      # variant): 21.9 s -> 13.5 s; bench/README.md, "History".
       # Setting in Nix's libstore/globals.hh (pollInterval, "build-poll-interval").
       build-poll-interval = mkIf cfg.dispatcher.enable (lib.mkDefault 1);
     };
@@ -423,7 +423,7 @@ in
 
     # A master connection to every builder, kept up before any build needs one: builds that
     # start at once with none up race to become it, and Nix 2.16+ then loses some
-    # (NixOS/nix#14132; README "Connection sharing").
+    # (NixOS/nix#14132; docs/client.md, "Connection sharing").
     systemd.services.nixfarm-ssh-masters = mkIf cfg.connectionSharing.enable {
       description = "nixfarm: one shared SSH connection to every builder, for nix-daemon's ssh";
       wantedBy = [ "multi-user.target" ];
@@ -464,7 +464,7 @@ in
         ExecStartPre = seedMachines;
         # And go back to it however the dispatcher stops (a crash included): its
         # own lines are all as wide as the biggest builder and rely on the slot
-        # locks it holds, which end with it (README "How Nix is told").
+        # locks it holds, which end with it (docs/client.md, "How Nix is told").
         ExecStopPost = seedMachines;
         ExecStart = lib.escapeShellArgs (
           [
@@ -475,7 +475,7 @@ in
             "--machines"
             cfg.dispatcher.machinesFile
             # How soon this client's Nix takes a freed slot: how many builds
-            # a builder may hold ahead (README "The formula").
+            # a builder may hold ahead (docs/client.md, "The formula").
             "--build-poll-interval"
             (toString config.nix.settings.build-poll-interval)
           ]

@@ -278,7 +278,7 @@ let
   # seconds instead of hanging a build on TCP timeouts. No `IPQoS`: ssh already
   # marks sessions without a terminal as bulk (cs1 from OpenSSH 7.8), and
   # OpenSSH 10 turns the old `IPQoS throughput` into no marking at all
-  # (`ssh -G`: "ipqos none none"; checked with 10.0p2, tests/test_ssh_sharing.py).
+  # (`ssh -G`: "ipqos none none"; checked with 10.0p2, tests/client/test_ssh_sharing.py).
   #
   # With `controlDir`, root's ssh keeps one connection per builder open for
   # `controlPersist` seconds after its last session and runs every build's

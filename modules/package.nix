@@ -43,7 +43,8 @@ python3Packages.buildPythonApplication {
   passthru.pythonDependencies = dependencies;
 
   # The unit tests live in the repository's tests/ (outside agent/) and run
-  # in checks.<system>.unit-tests; here we only check that it imports.
+  # in checks.<system>.unit-tests; here we only check that it imports, each
+  # side's subpackage included (pyproject.toml lists them one by one).
   pythonImportsCheck = [
     "nixfarm"
     "nixfarm.cli"

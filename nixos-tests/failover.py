@@ -36,7 +36,7 @@ def slot_held(host: str, slot: int) -> bool:
 
 with subtest("the dispatcher holds builder1's slots, so hooks that still list it pass it by"):
     # Nix's hook keeps the machines file it read at its start; the held locks are
-    # what it checks for every build (agent/nixfarm/slots.py).
+    # what it checks for every build (agent/nixfarm/client/slots.py).
     for slot in (0, 1):  # farm.nix: maxJobs 2
         check(slot_held("builder1", slot), f"builder1's slot {slot} is not held")
     check(not slot_held("builder2", 0), "builder2's first slot is held on an idle farm")

@@ -203,7 +203,7 @@ def run(builds: int, seconds: int, static: bool) -> dict[str, Any]:
             "makespan_seconds": round(max(t for t in done.values() if t), 2),
             "lower_bound_seconds": max(seconds, work / sum(BUILDERS.values())),
             "builds": len(CLIENTS) * builds,
-            # As the builders accounted them (README "Accounts").
+            # As the builders accounted them (docs/metrics.md, "Accounts").
             "usage_by_client": {
                 r["client"]: {
                     k: r[k] for k in ("builds_started", "builds_finished", "builds_failed", "build_seconds")

@@ -1,6 +1,6 @@
 """The `nixfarm` command line.
 
-Exit codes (README "Exit codes"): 0 success; 1 refused or failed; 2 bad
+Exit codes (docs/commands.md, "Exit codes"): 0 success; 1 refused or failed; 2 bad
 command line or configuration; 3 the machine lacks something (no Nix store);
 130 interrupted.
 """

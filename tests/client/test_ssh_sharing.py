@@ -19,7 +19,7 @@ clean: bursts of 4 builds at once on an idle builder, 30 bursts (ControlPersist
 timeout). Two ssh processes that both find no master both try to become it;
 the loser goes on alone ("ControlSocket ... already exists, disabling
 multiplexing"), prints the line, and Nix, whose `ssh -O check` now finds the
-winner, does not read it. README.md ("Connection sharing") says so.
+winner, does not read it. docs/client.md ("Connection sharing") says so.
 
 The replay: the same check done step by step with the machine's OpenSSH 9.2
 (Debian 12's; a Nix from the installer on Debian 12 uses it): what it adds is

@@ -188,7 +188,7 @@ def run_stream(
 
 
 def print_accounts(config: AgentConfig, since: float | None, viewer: str | None = None) -> int:
-    """`nixfarm accounts`: this builder's per-client accounts as JSON (README "Accounts")."""
+    """`nixfarm accounts`: this builder's per-client accounts as JSON (docs/metrics.md, "Accounts")."""
     from ..common.privacy import report_for
     from . import control
     from .accounts import report

@@ -23,7 +23,7 @@ tells each builder down the stream (demand.py).
 Failures are retried with exponential backoff and jitter (Hydra-style). The
 machines file is rewritten only when its content changes, atomically, and is
 always a file Nix accepts; the inventory's static lines go back when the
-dispatcher stops. README.md ("The dispatcher") explains the formula.
+dispatcher stops. docs/client.md ("The dispatcher") explains the formula.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def rows(status: dict[str, Any], now: float) -> list[dict[str, str]]:
 
 
 # The table's columns: a row's key and its header, short enough that the table fits
-# 80 columns with builder names of up to 16 characters (README "nixfarm status").
+# 80 columns with builder names of up to 16 characters (docs/client.md, "nixfarm status").
 COLUMNS = (
     ("builder", "builder"), ("state", "state"), ("jobs", "jobs"), ("mine", "mine"),
     ("held back", "held"), ("ahead", "ahead"), ("load", "load"), ("cpu psi", "cpu"),

@@ -3,7 +3,7 @@
 The builder's agent writes snapshots (metrics.py); a client's dispatcher,
 `doctor` and `builds` read them from the network, so every field they use
 is checked here, with bounded sizes, before anything trusts it. The fields
-are documented in README.md ("The metrics snapshot").
+are documented in docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ def test_client_dispatcher_unit(facts: dict[str, Any]) -> None:
     assert "nixfarm-seed-machines" in service["ExecStartPre"]
     # However it stops, Nix goes back to the static lines (the dispatcher's rely on its locks).
     assert service["ExecStopPost"] == service["ExecStartPre"]
-    # It holds slot locks where Nix's build hook counts load (README "How Nix is told").
+    # It holds slot locks where Nix's build hook counts load (docs/client.md, "How Nix is told").
     assert service["ReadWritePaths"] == ["/var/lib/nixfarm-client", "/nix/var/nix/current-load"]
     assert "d /nix/var/nix/current-load 0755 root root - -" in facts["client"]["tmpfiles"]
     inventory = facts["client"]["inventory"]
