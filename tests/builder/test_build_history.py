@@ -89,7 +89,7 @@ def test_a_process_is_looked_at_again_while_young_and_then_kept(tmp_path: Path) 
     """The process table reads a process when it appears and while it may still setuid() or
     exec(); an old one is not read again (the look that made snapshots cost 100 ms with 3,000
     processes), until it exits."""
-    from nixfarm.builder.metrics import ProcessTable
+    from nixfarm.builder.processes import ProcessTable
 
     table = ProcessTable(frozenset({BUILD_USER}), proc=str(tmp_path))
     put_process(tmp_path, 200, 0, started_ago(1.0))  # Nix's build child, still root
@@ -110,7 +110,7 @@ def test_a_process_is_looked_at_again_while_young_and_then_kept(tmp_path: Path) 
 def test_sessions_are_the_gateway_s_nix_processes_and_never_a_build_user_s(tmp_path: Path) -> None:
     """A build session is nix-daemon or nix-store with NIXFARM_CLIENT in its environment (the
     gateway sets it). As root the agent reads everyone's, but a build could name any client."""
-    from nixfarm.builder.metrics import ProcessTable
+    from nixfarm.builder.processes import ProcessTable
 
     def session(pid: int, uid: int, comm: str, client: str) -> None:
         put_process(tmp_path, pid, uid, started_ago(30.0))
@@ -126,3 +126,28 @@ def test_sessions_are_the_gateway_s_nix_processes_and_never_a_build_user_s(tmp_p
     table.look()
     assert os.geteuid() == 0  # the harness runs as root, as the agent does
     assert table.sessions() == {"alice": 2, "bob": 1}
+
+
+def test_a_build_s_cpu_time_is_read_from_its_own_processes_only(tmp_path: Path) -> None:
+    """The accounts add up each build's CPU time (accounts.py) from the processes the table
+    knows are its own, not from a walk of all of /proc at every sample."""
+    from nixfarm.builder.attribution import build_processes
+    from nixfarm.builder.processes import ProcessTable
+
+    def put_cpu(pid: int, uid: int, start: int, ticks: tuple[int, int, int, int]) -> None:
+        put_process(tmp_path, pid, uid, start)
+        fields = ["S", *["0"] * 10, *map(str, ticks), "0", "0", "0", "0", str(start), "0"]
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (cc) {' '.join(fields)}\n")
+
+    put_cpu(400, BUILD_USER, started_ago(9.0), (10, 5, 100, 0))  # the builder, and children it reaped
+    put_cpu(401, BUILD_USER, started_ago(2.0), (3, 1, 0, 0))
+    put_cpu(402, BUILD_USER + 1, started_ago(1.0), (7, 0, 0, 0))  # another build
+    put_cpu(403, 0, started_ago(30.0), (999, 999, 0, 0))  # not a build's
+    table = ProcessTable(frozenset({BUILD_USER, BUILD_USER + 1}), proc=str(tmp_path))
+    table.look()
+    pids = table.build_pids()
+    assert {key: sorted(p) for key, p in pids.items()} == {BUILD_USER: [400, 401], BUILD_USER + 1: [402]}
+    build = build_processes(pids[BUILD_USER], proc=str(tmp_path))
+    assert build is not None and build.top == 400 and build.cpu_ticks == 10 + 5 + 100 + 3 + 1
+    remove_process(tmp_path, 402)  # it ended since the table's look
+    assert build_processes(pids[BUILD_USER + 1], proc=str(tmp_path)) is None

@@ -35,6 +35,7 @@ from ..common.atomic import write_atomic
 from ..common.inotify import IN_CLOSE_WRITE, Inotify, InotifyUnavailable
 from ..common.store import DB_PATH, StoreError, valid_paths
 from . import attribution, buildlog
+from .processes import ProcessTable
 from .sessions import live_sessions, sessions_dir, start_ticks
 from .traffic import TrafficMeter, destroy_listener
 
@@ -183,6 +184,9 @@ class Accountant:
     ) -> None:
         self.state_dir = state_dir
         self.build_uids = build_uids
+        # Its own table, not the snapshot's: this runs in the accountant's thread. Each
+        # second it lists /proc and reads only the new processes and the builds' own.
+        self._table = ProcessTable(build_uids)
         self.db_path = db_path
         self.log_dir = log_dir
         self.temproots = temproots
@@ -387,7 +391,11 @@ class Accountant:
         """Each running build's CPU time so far, from its processes (matched by their outputs)."""
         by_output = {o: b for b in self.running.values() for o in b.outputs}
         seen = {}
-        for procs in attribution.scan_builds(self.build_uids).values():
+        self._table.look()
+        for pids in self._table.build_pids().values():
+            procs = attribution.build_processes(pids)
+            if procs is None:
+                continue
             key = (procs.top, procs.started)
             drv = self._processes.get(key)
             if drv is None:

@@ -54,31 +54,21 @@ def _stat(pid: str, proc: str) -> tuple[int, int]:
     return int(fields[19]), sum(int(v) for v in fields[11:15])
 
 
-def scan_builds(build_uids: frozenset[int], proc: str = "/proc") -> dict[int, BuildProcesses]:
-    """The builds running now, by build user (auto-allocated UID blocks as negative keys)."""
-    builds: dict[int, BuildProcesses] = {}
-    with os.scandir(proc) as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                uid = entry.stat(follow_symlinks=False).st_uid
-                if uid in build_uids:
-                    key = uid
-                elif uid >= AUTO_UID_START:
-                    key = -1 - (uid - AUTO_UID_START) // AUTO_UID_BLOCK
-                else:
-                    continue
-                started, cpu = _stat(entry.name, proc)
-            except (OSError, IndexError, ValueError):  # it exited while we looked
-                continue
-            pid = int(entry.name)
-            build = builds.setdefault(key, BuildProcesses(pid, started))
-            if (started, pid) < (build.started, build.top):
-                build.top, build.started = pid, started
-            build.cpu_ticks += cpu
-            build.pids.append(pid)
-    return builds
+def build_processes(pids: list[int], proc: str = "/proc") -> BuildProcesses | None:
+    """One build's processes (ProcessTable.build_pids) as they are now; None if all have exited."""
+    build: BuildProcesses | None = None
+    for pid in pids:
+        try:
+            started, cpu = _stat(str(pid), proc)
+        except (OSError, IndexError, ValueError):  # it exited while we looked
+            continue
+        if build is None:
+            build = BuildProcesses(pid, started)
+        elif (started, pid) < (build.started, build.top):
+            build.top, build.started = pid, started
+        build.cpu_ticks += cpu
+        build.pids.append(pid)
+    return build
 
 
 def read_environ(pid: int, proc: str = "/proc") -> dict[str, str]:
