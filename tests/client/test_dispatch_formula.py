@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from nixfarm.client.dispatch import BuilderState, Dispatcher, Settings, claim, ending_soon
 from nixfarm.client.inventory import Builder, Inventory
 from nixfarm.client.slots import SlotHolds
-from nixfarm.common.snapshot import BadSnapshot, validate
 
 
 def snap(capacity: int, active: int, sessions: dict[str, int] | None = None, psi: float = 0.0) -> dict:  # type: ignore[type-arg]
@@ -166,29 +164,6 @@ def test_degraded_builders_offer_their_static_slots_and_left_out_ones_none() -> 
     assert state.allowance("alice") == 0 and state.machines_line(inventory, 4) is None
 
 
-@pytest.mark.parametrize(
-    ("line", "reason"),
-    [
-        (b"\xff\xfe", "not (UTF-8|JSON)"),
-        (b"{trunc", "not JSON"),
-        (b"[1, 2]", "not a JSON object"),
-        (json.dumps({**snap(1, 0), "schema": 2}).encode(), "schema version 2"),
-        (json.dumps({"schema": 1}).encode(), "missing field"),
-        (json.dumps({**snap(1, 0), "builds": {"active": -1}}).encode(), "non-negative"),
-        (json.dumps({**snap(1, 0), "builds": {"active": True}}).encode(), "non-negative"),
-        (json.dumps(busy(1, 1, [-1.0], {})).encode(), "pairs of numbers"),
-        (json.dumps(busy(1, 1, [True], {})).encode(), "pairs of numbers"),
-        (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [[1.0]]}}).encode(), "pairs"),
-        (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [["1", 2]]}}).encode(), "pairs"),
-        (json.dumps({**snap(1, 0), "builds": {"active": 0, "ages_seconds": {}}}).encode(), "lists"),
-        (json.dumps(busy(1, 1, [1.0] * 5000, {})).encode(), "at most 4096"),
-    ],
-)
-def test_bad_snapshots_say_what_is_wrong(line: bytes, reason: str) -> None:
-    with pytest.raises(BadSnapshot, match=reason):
-        validate(line)
-
-
 def test_backoff_grows_3x_with_jitter_and_is_capped() -> None:
     s = Settings(backoff_base=60, backoff_factor=3, backoff_max=1800)
     for failures, expected in [(1, 60), (2, 180), (3, 540), (4, 1620), (5, 1800), (9, 1800)]:
@@ -324,13 +299,6 @@ def test_clients_with_nothing_waiting_take_no_share() -> None:
     assert claim(with_demand(snap(7, 3, {"alice": 3}), {"alice": 0, "carol": 1}), "bob") == 2
     # dave said nothing (an older dispatcher): his sessions count, as before.
     assert claim(with_demand(snap(7, 3, {"dave": 3}), {"alice": 0}), "bob") == 2
-
-
-def test_a_demand_that_is_not_a_count_is_a_bad_snapshot() -> None:
-    for bad in ({"alice": -1}, {"alice": True}, {"alice": "3"}, ["alice"], {f"c{i}": 1 for i in range(5000)}):
-        with pytest.raises(BadSnapshot, match="demand_by_client"):
-            validate(json.dumps(with_demand(snap(1, 0), bad)).encode())  # type: ignore[arg-type]
-    assert validate(json.dumps(with_demand(snap(1, 0), {"alice": 2})).encode())["builds"]["demand_by_client"]
 
 
 def test_a_client_stops_competing_only_once_nothing_has_waited_for_a_reaction() -> None:

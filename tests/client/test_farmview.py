@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from nixfarm.client.farmview import _bytes, _duration, check_report, running_rows, usage_rows
-from nixfarm.common.snapshot import BadSnapshot, _check_running
 
 
 def report(**clients: dict[str, float]) -> dict[str, Any]:
@@ -58,24 +57,6 @@ def test_running_builds_longest_first_with_the_local_client_named() -> None:
 def test_a_builder_s_bad_accounts_are_refused(answer: bytes) -> None:
     with pytest.raises(ValueError):
         check_report(answer)
-
-
-@pytest.mark.parametrize(
-    "running",
-    [
-        {},
-        [1],
-        [{"client": "a", "name": "n", "seconds": -1, "cpu_seconds": 0}],
-        [{"client": "a" * 65, "name": "n", "seconds": 1, "cpu_seconds": 0}],
-        [{"client": "a", "name": "n" * 201, "seconds": 1, "cpu_seconds": 0}],
-        [{"client": 1, "name": "n", "seconds": 1, "cpu_seconds": 0}],
-        [{"client": "a", "name": "n", "seconds": 1}],
-        [{"client": "a", "name": "n", "seconds": 1, "cpu_seconds": 0}] * 4097,
-    ],
-)
-def test_a_snapshot_s_bad_running_builds_are_refused(running: Any) -> None:
-    with pytest.raises(BadSnapshot):
-        _check_running(running)
 
 
 def test_durations_and_sizes_read_at_a_glance() -> None:
