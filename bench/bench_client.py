@@ -180,10 +180,24 @@ def nixfarm_argv(root: Path, rev: str | None) -> list[str]:
         tree.mkdir()
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         source = tree / "agent"
-    if os.environ.get("BENCH_PROFILE") and rev is None:
-        return [sys.executable, os.environ["BENCH_PROFILE"]]
     code = "import sys; sys.path.insert(0, sys.argv.pop(1)); from nixfarm.cli import main; sys.exit(main())"
     return [sys.executable, "-c", code, str(source)]
+
+
+# --profile: the dispatcher profiles itself from SIGUSR1 to SIGUSR2 (the measured window).
+PROFILED = """import cProfile, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+out, profile = sys.argv.pop(1), cProfile.Profile()
+signal.signal(signal.SIGUSR1, lambda *_: profile.enable())
+signal.signal(signal.SIGUSR2, lambda *_: (profile.disable(), profile.dump_stats(out)))
+from nixfarm.cli import main
+sys.exit(main())
+"""
+
+
+def profiled(argv: list[str], out: Path) -> list[str]:
+    """The same `nixfarm` (nixfarm_argv()), under cProfile over the measured window only."""
+    return [argv[0], "-c", PROFILED, argv[-1], str(out)]
 
 
 def cpu_ticks(pid: int) -> int:
@@ -201,7 +215,13 @@ def memory(pid: int) -> dict[str, float]:
 
 
 def run_dispatcher(
-    root: Path, argv: list[str], inventory: Path, count: int, window: float, extra: list[str]
+    root: Path,
+    argv: list[str],
+    inventory: Path,
+    count: int,
+    window: float,
+    extra: list[str],
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Start a dispatcher, wait until every builder is healthy, measure over `window` s."""
     work = Path(tempfile.mkdtemp(dir=root))
@@ -231,9 +251,13 @@ def run_dispatcher(
             time.sleep(0.5)
         connected_s = time.monotonic() - started
         time.sleep(5)
+        if profile:
+            proc.send_signal(signal.SIGUSR1)
         t0, c0 = time.monotonic(), cpu_ticks(proc.pid)
         time.sleep(window)
         t1, c1 = time.monotonic(), cpu_ticks(proc.pid)
+        if profile:
+            proc.send_signal(signal.SIGUSR2)
         result: dict[str, Any] = {
             "builders": count,
             "connected_s": round(connected_s, 1),
@@ -308,7 +332,12 @@ def default_old_rev() -> str:
     return out.stdout.strip()[:12]
 
 
-def run(counts: list[int], window: float, old_rev: str) -> dict[str, Any]:
+CODES = ("old", "new", "old-nix-names", "new-nix-names")
+
+
+def run(
+    counts: list[int], window: float, old_rev: str, codes: list[str], profile: Path | None = None
+) -> dict[str, Any]:
     """For each farm size, the old dispatcher then the new one, against the same simulated builders."""
     rng = random.Random(20261207)
     sizes = [rng.choice([8, 16, 32, 48, 64, 64]) for _ in range(max(counts))]
@@ -326,9 +355,10 @@ def run(counts: list[int], window: float, old_rev: str) -> dict[str, Any]:
             while not port_file.exists():
                 time.sleep(0.1)
             host_pub = " ".join((root / "host.pub").read_text().split()[:2])
-            argv = {"old": nixfarm_argv(root, old_rev), "new": nixfarm_argv(root, None)}
-            argv["new-nix-names"] = argv["new"]  # as the client module runs it for CppNix
-            extra = {"new-nix-names": ["--lock-names", "nix"]}
+            code_argv = {"old": nixfarm_argv(root, old_rev), "new": nixfarm_argv(root, None)}
+            # "-nix-names": as the client module runs it for CppNix.
+            argv = {code: code_argv[code.split("-")[0]] for code in codes}
+            extra = {code: ["--lock-names", "nix"] for code in codes if code.endswith("-nix-names")}
             for count in counts:
                 inventory = write_inventory(
                     root, int(port_file.read_text()), host_pub, root / "client", sizes[:count]
@@ -336,17 +366,20 @@ def run(counts: list[int], window: float, old_rev: str) -> dict[str, Any]:
                 run: dict[str, Any] = {"builders": count}
                 for code in argv:
                     try:
+                        out = profile / f"dispatch-{code}-{count}.prof" if profile else None
+                        command = profiled(argv[code], out) if out else argv[code]
                         run[code] = run_dispatcher(
-                            root, argv[code], inventory, count, window, extra.get(code, [])
+                            root, command, inventory, count, window, extra.get(code, []), out is not None
                         )
                     except RuntimeError as e:  # the old one runs out of open files at 300 builders
                         run[code] = {"failed": str(e).strip().splitlines()[-1][-300:]}
                     print(code, count, json.dumps(run[code]), flush=True)
-                if "failed" not in run["old"] and "failed" not in run["new"]:
-                    run["ratios"] = {
-                        key: run["new"][key] / run["old"][key]
-                        for key in ("cpu_percent", "pss_mib", "open_files")
-                    }
+                for old, new in (("old", "new"), ("old-nix-names", "new-nix-names")):
+                    if "cpu_percent" in run.get(old, {}) and "cpu_percent" in run.get(new, {}):
+                        run[f"ratios{old[3:]}"] = {
+                            key: run[new][key] / run[old][key]
+                            for key in ("cpu_percent", "pss_mib", "open_files")
+                        }
                 results["runs"].append(run)
         finally:
             server.kill()
@@ -362,11 +395,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="15 s windows instead of 30")
     parser.add_argument("--builders", default="100,300", help="farm sizes, comma-separated (default 100,300)")
     parser.add_argument("--old-rev", help="the baseline's commit (default: merge-base with origin/main)")
+    parser.add_argument("--codes", default="old,new,new-nix-names",
+                        help=f"what runs, in order, of {','.join(CODES)} (default: the first 3)")  # fmt: skip
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="profile each dispatcher over its window (cProfile: its CPU is then not "
+                        "comparable) into DIR/dispatch-<code>-<builders>.prof")  # fmt: skip
     parser.add_argument("--json", metavar="OUT", type=Path, help="write every number to this file")
     args = parser.parse_args()
     counts = [int(n) for n in args.builders.split(",")]
-    results = run(counts, 15.0 if args.quick else 30.0, args.old_rev or default_old_rev())
-    results = {"machine": machine_info(), "quick": args.quick, **results}
+    codes = args.codes.split(",")
+    if not set(codes) <= set(CODES):
+        parser.error(f"--codes: of {', '.join(CODES)}")
+    window = 15.0 if args.quick else 30.0
+    results = run(counts, window, args.old_rev or default_old_rev(), codes, args.profile)
+    results = {"machine": machine_info(), "quick": args.quick, "profiled": bool(args.profile), **results}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -40,6 +40,7 @@ class HookPasses:
         self._inotify = Inotify()
         self._watches: dict[int, str | None] = {}  # wd -> store URI (None: main-lock)
         self._uris: set[str] = set()
+        self._slot0: dict[str, str] = {}  # slot-0 file name -> store URI
         self._opens: dict[str, deque[float]] = {}  # store URI -> times of its slot-0 opens
         self._took: deque[float] = deque(maxlen=KEEP)  # when this client's hooks took slots
         self.lost = False  # the kernel dropped events (queue overflow): counts are low
@@ -61,6 +62,7 @@ class HookPasses:
         for uri in wanted:
             for prefix in lock_prefixes(uri):
                 self._add(f"{prefix}-0", uri)
+                self._slot0[f"{prefix}-0"] = uri
             self._opens.setdefault(uri, deque(maxlen=KEEP))
         self._uris = wanted
 
@@ -80,7 +82,10 @@ class HookPasses:
         `own` is how many times this process itself opened each slot-0 file
         since the last read (SlotHolds.take_own_opens); those are not Nix's.
         """
-        skip = {uri: n for uri in self._uris if (n := sum(own.get(f"{p}-0", 0) for p in lock_prefixes(uri)))}
+        skip: dict[str, int] = {}
+        for name, n in own.items():  # from the files opened, not every builder's names
+            if (uri := self._slot0.get(name)) in self._uris:
+                skip[uri] = skip.get(uri, 0) + n
         for wd, mask in self._inotify.read():
             if mask & IN_Q_OVERFLOW:
                 self.lost = True
@@ -109,7 +114,9 @@ class HookPasses:
         bursts: a burst of first tries between two rounds is not a smaller
         demand.
         """
-        opens = self._opens.get(store_uri, deque())
+        opens = self._opens.get(store_uri)
+        if not opens:  # no pass over it remembered: most builders, at every count
+            return 0
         for times in (opens, self._took):
             while times and now - times[0] > self.window + BURST_GAP:
                 times.popleft()
