@@ -4,7 +4,8 @@
 
 300 builders of up to 64 slots (`--builders`), each a session of one
 local SSH server (asyncssh, a separate process, not measured) that answers
-`nixfarm stream --interval S` with a snapshot every S seconds: its load moves
+`nixfarm stream --interval S` with a snapshot every S seconds, each builder
+at a phase of its own (as independent agents would be): its load moves
 (a random walk of running builds, other clients' sessions and demand), so
 the dispatcher's allowances and held slots change as they would. The
 dispatcher is the real `nixfarm dispatch`, with its own machines file and
@@ -127,10 +128,12 @@ async def serve(port_file: str, host_key: str, slots: str) -> None:
 
         reader = asyncio.create_task(drain())
         try:
+            phase = rng.uniform(0, interval)  # real builders' agents tick each on its own
             while not reader.done():
                 line = json.dumps(snapshot(user, sizes[index], rng, state)).encode() + b"\n"
                 process.stdout.write(line)
-                await asyncio.sleep(interval)
+                await asyncio.sleep(interval + phase)
+                phase = 0.0
         except (OSError, asyncssh.Error):
             pass
         process.exit(0)

@@ -257,7 +257,7 @@ def test_agent_and_gateway_log_to_the_journal_with_fields(systemd_host: SystemdH
     entry = wait_for("the agent's 'ready' line in the journal", ready_entries, 10)[0]
     assert entry["PRIORITY"] == "6"  # logging.INFO
     assert entry["SYSLOG_IDENTIFIER"] == "nixfarm-agent"
-    assert entry["LOGGER"] == "nixfarm.builder.agent"  # systemd-python's JournalHandler, not stderr
+    assert entry["LOGGER"] == "nixfarm.agent"  # systemd-python's JournalHandler, not stderr
     assert entry["_SYSTEMD_UNIT"] == AGENT_UNIT
     host.systemctl("stop", AGENT_UNIT)
 
