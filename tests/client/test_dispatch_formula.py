@@ -116,13 +116,16 @@ def lines_of(d: Dispatcher) -> list[list[str]]:
 def test_every_line_has_the_same_width_and_the_allowance_is_what_nix_finds_free(tmp_path: Path) -> None:
     d = dispatcher_in(tmp_path, inventory_of(2, 1))
     d.states["b0"].healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)  # alice may take 1 of 4
+    d.changed(d.states["b0"])
     d.states["b1"].healthy(snap(1, 0), now=1.0, grace=3.0)  # idle, 1 slot: all alice's
+    d.changed(d.states["b1"])
     d.publish()
     # The widest capacity, on every line, and one speedFactor: Nix's hook then prefers
     # the builder where the most of its slots are free, i.e. the biggest allowance.
     assert [(f[3], f[4]) for f in lines_of(d)] == [("4", "1"), ("4", "1")]
     assert (free_for_nix(d, "b0"), free_for_nix(d, "b1")) == (1, 1)
     d.states["b0"].healthy(snap(4, 4, {"bob": 4}), now=2.0, grace=3.0)
+    d.changed(d.states["b0"])
     d.publish()
     assert free_for_nix(d, "b0") == 0
     d.holds.release_all()
@@ -132,9 +135,12 @@ def test_the_width_never_shrinks(tmp_path: Path) -> None:
     # A hook that read a wider file must still find everything beyond each allowance held.
     d = dispatcher_in(tmp_path, inventory_of(2, 2))
     d.states["b0"].healthy(snap(8, 0), now=1.0, grace=3.0)
+    d.changed(d.states["b0"])
     d.states["b1"].healthy(snap(2, 0), now=1.0, grace=3.0)
+    d.changed(d.states["b1"])
     d.publish()
     d.states["b0"].failed("down", "unreachable", Settings())
+    d.changed(d.states["b0"])
     d.publish()
     assert [f[3] for f in lines_of(d)] == ["8"]  # b1 alone, still 8 wide
     assert free_for_nix(d, "b1") == 2 and free_for_nix(d, "b0") == 0
@@ -147,6 +153,7 @@ def test_lines_go_faster_builders_first_then_bigger_ones(tmp_path: Path) -> None
     d.publish()
     for name in ("b0", "b1", "b2", "b3"):
         d.states[name].state, d.states[name].reason = "degraded", "bad metrics"
+        d.changed(d.states[name])
     d.publish()
     hosts = [f[0].rsplit("@", 1)[-1] for f in lines_of(d)]
     assert hosts == ["h3", "h1", "h2", "h0"]
@@ -219,12 +226,14 @@ def test_publishing_holds_the_slots_before_the_file_offers_them(tmp_path: Path) 
     dispatcher = Dispatcher(inventory, machines, Settings(), str(tmp_path / "status.json"), holds)
     state = dispatcher.states["b"]
     state.healthy(snap(4, 3, {"bob": 3}), now=1.0, grace=3.0)
+    dispatcher.changed(state)
     dispatcher.publish()
     assert Path(machines).read_text().splitlines()[1].split()[3] == "4"
     nix = SlotHolds(str(tmp_path / "current-load"))  # other open files, as Nix's hook has
     assert nix.hold(state.builder.store_uri, 4, 4) == 1  # only the 1 free slot is left to alice
     nix.release_all()
     state.failed("down", "unreachable", Settings())
+    dispatcher.changed(state)
     dispatcher.publish()
     assert "ssh-ng://" not in Path(machines).read_text()
     assert nix.hold(state.builder.store_uri, 4, 4) == 0  # a hook that still lists it finds it full
@@ -238,6 +247,7 @@ def test_a_current_load_that_cannot_be_written_is_logged_not_fatal(
     holds = SlotHolds(str(tmp_path / "missing"))  # gone: every hold fails
     dispatcher = Dispatcher(inventory, str(tmp_path / "machines"), Settings(), str(tmp_path / "s"), holds)
     dispatcher.states["b"].healthy(snap(1, 1, {"bob": 1}), now=1.0, grace=3.0)
+    dispatcher.changed(dispatcher.states["b"])
     dispatcher.publish()
     dispatcher.publish()
     text = (tmp_path / "machines").read_text()
@@ -246,6 +256,11 @@ def test_a_current_load_that_cannot_be_written_is_logged_not_fatal(
     assert text.splitlines()[1].split()[3] == "1"
     warnings = [r.getMessage() for r in caplog.records if "cannot hold slots of b" in r.getMessage()]
     assert len(warnings) == 1 and "missing" in warnings[0]
+    # Once it can be written, the next publish holds the slots, with no new snapshot.
+    (tmp_path / "missing").mkdir()
+    dispatcher.publish()
+    assert (tmp_path / "machines").read_text().splitlines()[1].split()[3] == "2"  # the width, held
+    holds.release_all()
 
 
 def test_a_budget_per_snapshot_what_ends_is_not_sent_again() -> None:

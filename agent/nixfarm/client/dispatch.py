@@ -216,6 +216,9 @@ class BuilderState:
         self.stream_input: asyncssh.SSHWriter[bytes] | None = None
         self.held_for: tuple[object, ...] | None = None  # what its slots were last held for (hold_slots)
         self.snapshots = 0  # how many came
+        # As the dispatcher last saw it (Dispatcher.changed): its line's inputs, its status.
+        self.seen_layout: tuple[bool, int] | None = None
+        self.seen_status: tuple[object, ...] | None = None
 
     def healthy(self, snap: dict[str, Any], now: float, grace: float, line: bytes | None = None) -> None:
         """A snapshot came (`line`: its JSON as it came, validate()d, for the status)."""
@@ -376,14 +379,19 @@ class Dispatcher:
         self._written: str | None = None
         self._usable: tuple[str, ...] | None = None
         self._hold_problem = ""  # the last slot-holding failure logged (each once)
-        self._status_states: tuple[tuple[object, ...], ...] = ()  # the builders' states last written
+        self._status_news = True  # a builder's state changed since the status was written
         self._status_at = 0.0
         self._status_due = False  # a change not written to the status yet
         self._changed = asyncio.Event()
+        # With hundreds of builders, publish() looks only at those that changed since
+        # (changed()), and at those whose slots could not be held.
+        self._dirty: set[BuilderState] = set(self.states.values())
+        self._unheld: set[BuilderState] = set()
+        self._held_width = -1  # the width the holds were last taken for
         # The maxJobs of every line; it never shrinks (see width()). It starts at
         # the static lines' widest, which hooks may have read before we wrote.
         self._width = max((b.max_jobs for b in inventory.builders), default=0)
-        self._generation, self._width_at = 0, -1  # changes seen; the one the width was worked out at
+        self._layout = 0  # changes to which builders are listed, or to their capacities
         self._content: tuple[object, str] | None = None  # the machines file's last inputs and content
 
     def width(self) -> int:
@@ -398,10 +406,7 @@ class Dispatcher:
         allowance held, and the holds take the highest slots first, so every
         width up to the current one sees the same allowance.
         """
-        if self._width_at != self._generation:  # a state changed since it was last worked out
-            self._width = max([self._width, *(s.capacity() for s in self.states.values() if s.listed())])
-            self._width_at = self._generation
-        return self._width
+        return self._width  # raised by changed()
 
     def line_slots(self, held: bool) -> dict[str, int]:
         """The maxJobs of each builder's line: the width, or, where the slot locks could
@@ -432,11 +437,11 @@ class Dispatcher:
 
     def publish(self) -> None:
         """Rewrite the machines file if its content changed; always refresh the status."""
-        held = self.hold_slots()  # before the file lists more free slots than Nix may take
-        slots = self.line_slots(held)
-        inputs = (slots, tuple((s.listed(), s.capacity()) for s in self.states.values()))
+        dirty, self._dirty = self._dirty, set()
+        held = self.hold_slots(dirty)  # before the file lists more free slots than Nix may take
+        inputs = (held, self.width(), self._layout)  # all the content depends on
         if self._content is None or self._content[0] != inputs:
-            self._content = (inputs, self.machines_content(slots))
+            self._content = (inputs, self.machines_content(self.line_slots(held)))
         content = self._content[1]
         if content != self._written:
             write_atomic(self.machines_path, content.encode())
@@ -444,10 +449,10 @@ class Dispatcher:
             self._log_usable()
         # The status: at once when a builder's state changed, else at most every STATUS_EVERY s
         # (with hundreds of builders it is megabytes of JSON, and the loads change all the time).
-        states = tuple((s.state, s.reason, s.failures, s.stalled) for s in self.states.values())
-        if states == self._status_states and time.monotonic() - self._status_at < STATUS_EVERY:
+        if not self._status_news and time.monotonic() - self._status_at < STATUS_EVERY:
             self._status_due = True
             return
+        slots = self.line_slots(held)
         status = {
             "client": self.inventory.client_name,
             "machines_file": self.machines_path,
@@ -459,17 +464,19 @@ class Dispatcher:
         data = json.dumps(status).encode()[:-1] + b', "builders": [' + builders + b"]}"
         # Not durable: a status a moment old is worth nothing after a crash.
         write_atomic(self.status_path, data, durable=False)
-        self._status_states, self._status_at, self._status_due = states, time.monotonic(), False
+        self._status_news, self._status_at, self._status_due = False, time.monotonic(), False
 
-    def hold_slots(self) -> bool:
-        """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance.
+    def hold_slots(self, changed: set[BuilderState] | None = None) -> bool:
+        """Hold, in Nix's load accounting, every slot of each line beyond this client's allowance
+        (of the `changed` builders only, unless the width changed).
 
         False if some could not be held: the file then offers each builder's
         capacity (machines_content), as a static file would.
         """
         width = self.width()
-        held = True
-        for state in self.states.values():
+        if changed is None or width != self._held_width:
+            changed, self._held_width = set(self.states.values()), width
+        for state in changed | self._unheld:
             # What the allowance depends on: unchanged, the holds are as they should be.
             inputs = (state.snapshots, state.state, state.stalled, state.in_flight,
                       state.in_flight_at_snapshot, state.sent_since_snapshot, width)  # fmt: skip
@@ -479,14 +486,15 @@ class Dispatcher:
             try:
                 self.holds.hold(state.builder.store_uri, width, width - allowed)
                 state.held_for = inputs
+                self._unheld.discard(state)
             except OSError as e:
                 state.held_for = None
-                held = False
+                self._unheld.add(state)
                 problem = f"cannot hold slots of {state.builder.name} in {self.holds.directory}: {e}"
                 if problem != self._hold_problem:
                     log.warning("%s; the machines file offers each builder's capacity meanwhile", problem)
                 self._hold_problem = problem
-        return held
+        return not self._unheld
 
     def _log_usable(self) -> None:
         """Log when the set of usable builders changes (not on every load change)."""
@@ -502,8 +510,18 @@ class Dispatcher:
         else:
             log.info("usable builders: %s (%d of %d)", ", ".join(usable), len(usable), len(self.states))
 
-    def changed(self) -> None:
-        self._generation += 1
+    def changed(self, state: BuilderState) -> None:
+        """`state` changed: publish() looks at it (and widens the lines if it got bigger)."""
+        self._dirty.add(state)
+        layout = (state.listed(), state.capacity())
+        if layout != state.seen_layout:
+            state.seen_layout = layout
+            self._layout += 1
+            if state.listed():
+                self._width = max(self._width, state.capacity())
+        status = (state.state, state.reason, state.failures, state.stalled)
+        if status != state.seen_status:
+            state.seen_status, self._status_news = status, True
         self._changed.set()
 
     async def run(self) -> None:
@@ -631,7 +649,7 @@ class Dispatcher:
                 reason, outcome = f"unreachable: {_describe(e)}", "down"
             delay = state.failed(outcome, reason, self.settings)
             log.warning("%s is %s (%s); next attempt in %.0f s", state.builder.name, outcome, reason, delay)
-            self.changed()
+            self.changed(state)
 
     async def _stream(self, state: BuilderState) -> None:
         b = self.builder_connection(state.builder)
@@ -680,7 +698,7 @@ class Dispatcher:
                 if not state.stalled:
                     state.state, state.stalled = "degraded", True
                     state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
-                    self.changed()
+                    self.changed(state)
                 continue
             if not chunk:
                 err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
@@ -691,7 +709,7 @@ class Dispatcher:
                 raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
             for line in lines:
                 state.healthy(validate(line), time.time(), self.settings.disk_grace, line)
-                self.changed()
+                self.changed(state)
 
     def builder_connection(self, b: Builder) -> dict[str, Any]:
         """asyncssh.connect() arguments: the client key, the pinned host key, keepalives."""
