@@ -109,6 +109,19 @@ def snapshot(name: str, max_jobs: int, rng: random.Random, state: dict[str, Any]
 async def serve(port_file: str, host_key: str, slots: str) -> None:
     """An SSH server for every simulated builder: the user name says which (b<i>)."""
     import asyncssh
+    from asyncssh.connection import SSHConnection
+    from asyncssh.constants import MSG_IGNORE
+
+    # asyncssh puts an empty SSH_MSG_IGNORE before every packet it encrypts; OpenSSH's
+    # sshd, which real builders run, does not. Left in, the dispatcher would decrypt two
+    # packets per snapshot here where it decrypts one from a real builder.
+    send_packet = SSHConnection.send_packet
+
+    def send_without_ignore(self: SSHConnection, pkttype: int, *args: bytes, **kwargs: Any) -> None:
+        if pkttype != MSG_IGNORE:
+            send_packet(self, pkttype, *args, **kwargs)
+
+    SSHConnection.send_packet = send_without_ignore  # type: ignore[method-assign]
 
     sizes = [int(s) for s in slots.split(",")]
 
