@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .sessions import start_ticks
 
@@ -43,7 +43,6 @@ class BuildProcesses:
     top: int  # PID of its oldest process (the builder)
     started: int  # its start, clock ticks since boot
     cpu_ticks: int = 0  # user + system time of its live processes and the children they reaped
-    pids: list[int] = field(default_factory=list)
 
 
 def _stat(pid: str, proc: str) -> tuple[int, int]:
@@ -67,7 +66,6 @@ def build_processes(pids: list[int], proc: str = "/proc") -> BuildProcesses | No
         elif (started, pid) < (build.started, build.top):
             build.top, build.started = pid, started
         build.cpu_ticks += cpu
-        build.pids.append(pid)
     return build
 
 
