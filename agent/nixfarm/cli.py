@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_interval,
         default=5.0,
         metavar="S",
-        help="SSH keepalive interval; 3 missed answers drop a builder (default 5)",
+        help="SSH keepalive interval once a stream is silent; 3 missed answers: down (default 5)",
     )
     p.add_argument(
         "--backoff-base",

@@ -36,6 +36,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -115,6 +116,43 @@ class Settings:
 
 class StreamEnded(OSError):
     """The builder ended the stream (its end of the session closed)."""
+
+
+class SnapshotSession(asyncssh.SSHClientSession[bytes]):
+    """A `nixfarm stream` session: its output is handed to `take` as it arrives, a chunk's
+    whole lines at a time, in the connection's own callback. 150 snapshots a second come
+    from 300 builders; a reader task woken for each (asyncssh's process streams) cost more
+    than the snapshot itself. `ended` completes when the session does: with StreamEnded
+    (what the stream said last on stderr), BadSnapshot, or the connection's error."""
+
+    def __init__(self, take: Callable[[list[bytes]], None]) -> None:
+        self._take = take
+        self._partial = b""
+        self._stderr = b""
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.ended.done():
+            return
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self._stderr = (self._stderr + data)[-4096:]
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        try:
+            if len(self._partial) > MAX_LINE:
+                raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
+            self._take(lines)
+        except BadSnapshot as e:
+            self.ended.set_exception(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ended.done():
+            return
+        if exc is not None:
+            self.ended.set_exception(exc)
+            return
+        err = self._stderr.decode(errors="replace").strip()
+        self.ended.set_exception(StreamEnded(f"stream ended{': ' + err.splitlines()[-1] if err else ''}"))
 
 
 def ending_soon(snap: dict[str, Any], within: float) -> int:
@@ -213,9 +251,13 @@ class BuilderState:
         self.waiting: int | None = None
         self._waited_at = 0.0  # when a build last waited for it
         self.told: int | None = None
-        self.stream_input: asyncssh.SSHWriter[bytes] | None = None
+        self.stream_input: asyncssh.SSHClientChannel[bytes] | None = None
         self.held_for: tuple[object, ...] | None = None  # what its slots were last held for (hold_slots)
         self.snapshots = 0  # how many came
+        self.heard: float | None = None  # monotonic time its stream last sent anything; None: no stream
+        self.connection: asyncssh.SSHClientConnection | None = None  # the stream's
+        self._allowed: tuple[tuple[object, ...], int] | None = None  # allowance() and what it came from
+        self._entry: tuple[tuple[object, ...], bytes] | None = None  # status_json() and what it came from
         # As the dispatcher last saw it (Dispatcher.changed): its line's inputs, its status.
         self.seen_layout: tuple[bool, int] | None = None
         self.seen_status: tuple[object, ...] | None = None
@@ -293,7 +335,20 @@ class BuilderState:
             return int(self.snapshot["nix_config"]["max_jobs"])
         return self.builder.max_jobs
 
+    def allowance_inputs(self) -> tuple[object, ...]:
+        """All allowance() depends on (besides the client's name, which never changes): with
+        hundreds of builders it is asked for often, and each one's changes only per snapshot."""
+        return (self.snapshots, self.state, self.stalled, self.in_flight,
+                self.in_flight_at_snapshot, self.sent_since_snapshot)  # fmt: skip
+
     def allowance(self, me: str) -> int:
+        """allowance_now(), worked out again only when its inputs changed."""
+        inputs = self.allowance_inputs()
+        if self._allowed is None or self._allowed[0] != inputs:
+            self._allowed = (inputs, self.allowance_now(me))
+        return self._allowed[1]
+
+    def allowance_now(self, me: str) -> int:
         """How many builds this client's Nix may have on it now (the rest of its line is held).
 
         Healthy: what its hooks have there now plus what is left of its
@@ -351,7 +406,15 @@ class BuilderState:
 
     def status_json(self, inventory: Inventory, width: int) -> bytes:
         """status() as JSON, with the snapshot's text as it came: encoding every builder's
-        snapshot again was most of the cost of a status write."""
+        snapshot again was most of the cost of a status write. Kept until status()'s inputs
+        change: a status write takes every builder's, and each changes about once a snapshot."""
+        accounts_time = self.accounts["time"] if self.accounts else None
+        inputs = (self.allowance_inputs(), self.reason, self.failures, self.waiting, accounts_time, width)
+        if self._entry is None or self._entry[0] != inputs:
+            self._entry = (inputs, self._encode_status(inventory, width))
+        return self._entry[1]
+
+    def _encode_status(self, inventory: Inventory, width: int) -> bytes:
         entry = self.status(inventory, width)
         if self.snapshot_line is None:
             return json.dumps(entry).encode()
@@ -393,6 +456,7 @@ class Dispatcher:
         self._width = max((b.max_jobs for b in inventory.builders), default=0)
         self._layout = 0  # changes to which builders are listed, or to their capacities
         self._content: tuple[object, str] | None = None  # the machines file's last inputs and content
+        self._listed: tuple[int, list[str]] | None = None  # _listed_uris() and the layout it is of
 
     def width(self) -> int:
         """The maxJobs every listed builder gets: at least the largest capacity.
@@ -478,8 +542,7 @@ class Dispatcher:
             changed, self._held_width = set(self.states.values()), width
         for state in changed | self._unheld:
             # What the allowance depends on: unchanged, the holds are as they should be.
-            inputs = (state.snapshots, state.state, state.stalled, state.in_flight,
-                      state.in_flight_at_snapshot, state.sent_since_snapshot, width)  # fmt: skip
+            inputs = (state.allowance_inputs(), width)
             if inputs == state.held_for:
                 continue
             allowed = state.allowance(self.inventory.client_name)
@@ -529,6 +592,7 @@ class Dispatcher:
         self.publish()
         tasks = [asyncio.create_task(self.follow(s)) for s in self.states.values()]
         tasks.append(asyncio.create_task(self.watch_hooks()))
+        tasks.append(asyncio.create_task(self.watch_stalls()))
         try:
             while True:
                 try:
@@ -597,6 +661,35 @@ class Dispatcher:
                 if changed:
                     self.hold_slots()
 
+    async def watch_stalls(self) -> None:
+        """Leave out every builder whose stream sent nothing for stall_timeout.
+
+        A stalled agent or a dead link: the keepalives, turned on now, will
+        tell which. Until then the builder is left out, or Nix would keep
+        sending it builds whose connections hang. One check of every stream
+        a quarter of the timeout, and keepalives only while a stream is
+        silent: 150 snapshots a second come from 300 builders, and a timer
+        per read, like asyncssh's keepalive timer per packet, was set and
+        cancelled again for each.
+        """
+        timeout = self.settings.stall_timeout
+        while True:
+            await asyncio.sleep(timeout / 4)
+            now = time.monotonic()
+            for state in self.states.values():
+                if state.heard is not None and not state.stalled and now - state.heard >= timeout:
+                    state.state, state.stalled = "degraded", True
+                    state.reason = f"stream stalled: no snapshot for {timeout:g} s"
+                    if state.connection is not None:
+                        state.connection.set_keepalive(self.settings.keepalive, self.settings.keepalive_count)
+                    self.changed(state)
+
+    def _listed_uris(self) -> list[str]:
+        """The store URIs of the builders listed now (they change with the layout only)."""
+        if self._listed is None or self._listed[0] != self._layout:
+            self._listed = (self._layout, [s.builder.store_uri for s in self.states.values() if s.listed()])
+        return self._listed[1]
+
     def _hook_passes(self) -> HookPasses | None:
         try:
             # Looks back one round of Nix's questions at least (build-poll-interval).
@@ -611,7 +704,7 @@ class Dispatcher:
         """Read the hook's passes and tell each builder how many builds wait for it; None when
         watching stopped working (it was logged), so that nothing wrong is told."""
         try:
-            passes.watch([s.builder.store_uri for s in self.states.values() if s.listed()])
+            passes.watch(self._listed_uris())
             passes.read(now, self.holds.take_own_opens())
         except OSError as e:
             log.warning("cannot watch %s any more (%s): builders are not told of the builds waiting",
@@ -652,18 +745,33 @@ class Dispatcher:
             self.changed(state)
 
     async def _stream(self, state: BuilderState) -> None:
+        """Take the builder's snapshots until its stream ends (StreamEnded, OSError) or sends
+        garbage (BadSnapshot)."""
+
+        def take(lines: list[bytes]) -> None:
+            state.heard = time.monotonic()
+            if state.stalled:
+                conn.set_keepalive(0)  # it speaks again: no keepalives (watch_stalls())
+            for line in lines:
+                state.healthy(validate(line), time.time(), self.settings.disk_grace, line)
+                self.changed(state)
+
         b = self.builder_connection(state.builder)
         async with asyncssh.connect(**b) as conn:
-            proc = await conn.create_process(
-                f"nixfarm stream --interval {self.settings.interval:g}", encoding=None
-            )
-            state.stream_input, state.told = proc.stdin, None  # a new stream is told anew
-            accounts = asyncio.create_task(self._poll_accounts(state, conn))
+            # watch_stalls() follows it from now on (also while the session opens).
+            state.connection, state.heard = conn, time.monotonic()
             try:
-                await self._read_snapshots(state, proc)
+                command = f"nixfarm stream --interval {self.settings.interval:g}"
+                session = SnapshotSession(take)
+                channel, _ = await conn.create_session(lambda: session, command, encoding=None)
+                state.stream_input, state.told = channel, None  # a new stream is told anew
+                accounts = asyncio.create_task(self._poll_accounts(state, conn))
+                try:
+                    await session.ended
+                finally:
+                    accounts.cancel()
             finally:
-                state.stream_input = None
-                accounts.cancel()
+                state.connection = state.stream_input = state.heard = None
 
     async def _poll_accounts(self, state: BuilderState, conn: asyncssh.SSHClientConnection) -> None:
         """Every ACCOUNTS_EVERY seconds, the builder's accounts (a session on the stream's connection).
@@ -682,42 +790,12 @@ class Dispatcher:
                 log.info("%s: no accounts (%s)", state.builder.name, _describe(e))
             await asyncio.sleep(ACCOUNTS_EVERY)
 
-    async def _read_snapshots(self, state: BuilderState, proc: asyncssh.SSHClientProcess[bytes]) -> None:
-        """Take the stream's lines as snapshots until it ends (OSError) or sends garbage (BadSnapshot)."""
-        buffer = b""
-        while True:
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes
-                # as the read completes, and the dispatcher then never stopped (seen).
-                async with asyncio.timeout(self.settings.stall_timeout):
-                    chunk = await proc.stdout.read(65536)
-            except TimeoutError:
-                # A stalled agent or a dead link: the keepalives will tell which. Until
-                # then the builder is left out, or Nix would keep sending it builds
-                # whose connections hang.
-                if not state.stalled:
-                    state.state, state.stalled = "degraded", True
-                    state.reason = f"stream stalled: no snapshot for {self.settings.stall_timeout:g} s"
-                    self.changed(state)
-                continue
-            if not chunk:
-                err = (await proc.stderr.read(4096)).decode(errors="replace").strip()
-                raise StreamEnded(f"stream ended{': ' + err.splitlines()[-1] if err else ''}")
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            if len(buffer) > MAX_LINE:
-                raise BadSnapshot(f"a line longer than {MAX_LINE} bytes")
-            for line in lines:
-                state.healthy(validate(line), time.time(), self.settings.disk_grace, line)
-                self.changed(state)
-
     def builder_connection(self, b: Builder) -> dict[str, Any]:
-        """asyncssh.connect() arguments: the client key, the pinned host key, keepalives."""
+        """asyncssh.connect() arguments: the client key, the pinned host key; keepalives are
+        turned on only while the stream is silent (watch_stalls())."""
         options = connect_options(
             self.inventory.key_file,
             b,
-            keepalive=self.settings.keepalive,
-            keepalive_count=self.settings.keepalive_count,
             connect_timeout=max(5.0, self.settings.keepalive * self.settings.keepalive_count),
         )
         return {**options, "encryption_algs": list(STREAM_CIPHERS)}

@@ -68,33 +68,21 @@ class Builder:
         if self.max_jobs < 0 or self.speed_factor < 1:
             raise ConfigError(f"{where}: max_jobs must be >= 0 and speed_factor >= 1")
 
-    @property
-    def host_key_b64(self) -> str:
-        """The host key as Nix's machines file wants it."""
-        return base64.b64encode(self.host_key.encode()).decode()
-
-    @property
-    def store_uri(self) -> str:
-        """How Nix names this builder: the machines file's first field."""
-        return f"{self.protocol}://{self.ssh_user}@{self.host_name}"
+        # Worked out once: the dispatcher writes these lines for hundreds of builders, often.
+        self.store_uri = f"{self.protocol}://{self.ssh_user}@{self.host_name}"  # Nix's name for it
+        supported = sorted(set(self.features) | set(self.mandatory_features))
+        host_key = base64.b64encode(self.host_key.encode()).decode()  # as the machines file has it
+        self._line_head = f"{self.store_uri} {_field(self.systems)}"
+        self._line_tail = f"{_field(supported)} {_field(self.mandatory_features)} {host_key}"
 
     def machines_line(self, key_file: str, max_jobs: int, speed_factor: int) -> str:
         """A line of Nix's machines file for this builder."""
+        return f"{self._line_head} {key_file} {max_jobs} {speed_factor} {self._line_tail}"
 
-        def field(values: list[str]) -> str:
-            return ",".join(values) or "-"
 
-        supported = sorted(set(self.features) | set(self.mandatory_features))
-        return " ".join([
-            self.store_uri,
-            field(self.systems),
-            key_file,
-            str(max_jobs),
-            str(speed_factor),
-            field(supported),
-            field(self.mandatory_features),
-            self.host_key_b64,
-        ])  # fmt: skip
+def _field(values: list[str]) -> str:
+    """A list field of the machines file."""
+    return ",".join(values) or "-"
 
 
 class Inventory:
