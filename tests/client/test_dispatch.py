@@ -60,6 +60,11 @@ def test_a_dead_builder_leaves_in_time_and_comes_back(
 
     left_after = dispatcher.wait("b3 leaves", lambda: "b3" not in dispatcher.listed())
     assert left_after <= 2 * INTERVAL + 3 * KEEPALIVE + 1  # 2 intervals + the keepalive timeout
+    # A dead link is left out as a stalled stream at once, then the keepalives, turned on by
+    # the stall, find it dead: a stall (2 intervals, checked every half interval), then 3
+    # unanswered keepalives and the fourth's time.
+    down_after = left_after + dispatcher.wait("b3 down", lambda: dispatcher.status()["b3"]["state"] == "down")
+    assert down_after <= 2.5 * INTERVAL + 4 * KEEPALIVE + 2
     placed = built_on(client.build(f"@{dispatcher.machines}", count=4, seconds=1))
     assert "b3" not in placed
 
