@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -11,8 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import Client, NixPair
 from farm import Farm
+from nixfarm.client import slots
 from nixfarm.client.slots import SlotHolds, flocked_inodes, lock_prefixes, nix_base32
 
 URI = "ssh-ng://nixfarm@10.201.7.2"
@@ -65,7 +69,27 @@ def busy(directory: Path, slots: int) -> list[int]:
             and locked_elsewhere(directory / f"{prefix}-{s}")]  # fmt: skip
 
 
-def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path) -> None:
+@pytest.fixture(params=["swap", "links"])
+def switch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a slot's name is switched over: swapping it with a spare link (renameat2's
+    RENAME_EXCHANGE), and, where a filesystem cannot swap names, links and a rename."""
+    if request.param == "links":
+        monkeypatch.setattr(slots, "_renameat2", None)
+    return str(request.param)
+
+
+def stashes(directory: Path) -> list[str]:
+    """The names the dispatcher keeps files under: held slots' own files, and spare links."""
+    return sorted(name for name in os.listdir(directory) if name.startswith(".nixfarm-own-"))
+
+
+def spares(directory: Path) -> list[str]:
+    """The stashes that are links to the held file, kept for the next take of their slot."""
+    held = (directory / SlotHolds.HELD_NAME).stat().st_ino
+    return [name for name in stashes(directory) if (directory / name).stat().st_ino == held]
+
+
+def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path, switch: str) -> None:
     holds = SlotHolds(str(tmp_path))
     assert holds.hold(URI, 4, 3) == 3
     assert busy(tmp_path, 4) == [1, 2, 3]  # Nix takes the lowest free slot: 0 is left to it
@@ -75,6 +99,51 @@ def test_holds_the_highest_slots_and_lets_go_of_the_lowest(tmp_path: Path) -> No
     assert busy(tmp_path, 4) == [0, 1]
     holds.release_all()
     assert busy(tmp_path, 4) == []
+    assert stashes(tmp_path) == []  # nothing of ours left behind
+
+
+def test_a_slot_let_go_keeps_a_spare_link_and_is_taken_again_by_a_swap(tmp_path: Path) -> None:
+    holds = SlotHolds(str(tmp_path), "nix")
+    prefix = lock_prefixes(URI)[0]
+    assert holds.hold(URI, 4, 3) == 3
+    held = (tmp_path / SlotHolds.HELD_NAME).stat().st_ino
+    assert holds.hold(URI, 4, 1) == 1  # slots 1 and 2 let go
+    assert spares(tmp_path) == [f".nixfarm-own-{prefix}-1", f".nixfarm-own-{prefix}-2"]
+    own = (tmp_path / f"{prefix}-1").stat().st_ino
+    assert own != held and not locked_elsewhere(tmp_path / f"{prefix}-1")
+    assert (tmp_path / f".nixfarm-own-{prefix}-1").stat().st_ino == held
+    assert holds.hold(URI, 4, 3) == 3
+    # Swapped: the name links to the held file, its own file waits under the spare's name.
+    assert (tmp_path / f"{prefix}-1").stat().st_ino == held
+    assert (tmp_path / f".nixfarm-own-{prefix}-1").stat().st_ino == own
+    assert busy(tmp_path, 4) == [1, 2, 3]
+    holds.release_all()
+    assert busy(tmp_path, 4) == [] and stashes(tmp_path) == []
+
+
+def test_spare_links_give_way_when_the_held_file_has_all_its_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file has at most so many links (65,000 on ext4): the held slots come first."""
+    holds = SlotHolds(str(tmp_path), "nix")
+    assert holds.hold(URI, 8, 6) == 6
+    assert holds.hold(URI, 8, 2) == 2  # 4 spares
+    held = tmp_path / SlotHolds.HELD_NAME
+    limit = held.stat().st_nlink  # no link more from now on
+    real_link = os.link
+
+    def link(src: str, dst: str) -> None:
+        if os.stat(src).st_ino == held.stat().st_ino and held.stat().st_nlink >= limit:
+            raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
+        real_link(src, dst)
+
+    monkeypatch.setattr(slots.os, "link", link)
+    other = "ssh-ng://nixfarm@10.201.7.3"
+    assert holds.hold(other, 4, 1) == 1
+    assert held_for_nix(tmp_path, f"{lock_prefixes(other)[0]}-3")
+    assert spares(tmp_path) == []  # given way
+    assert busy(tmp_path, 8) == [6, 7]  # the held ones stay held
+    holds.release_all()
 
 
 def test_thousands_of_slots_are_held_with_a_few_open_files(tmp_path: Path) -> None:
@@ -107,7 +176,7 @@ def test_only_the_naming_of_the_client_s_nix_is_held_when_it_is_known(tmp_path: 
     holds.release_all()
 
 
-def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path) -> None:
+def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path, switch: str) -> None:
     """Its linked names outlive it, but name a file nobody locks; the next dispatcher
     links them to a file of its own."""
     code = (f"from nixfarm.client.slots import SlotHolds; import time; h = SlotHolds({str(tmp_path)!r}); "
@@ -122,9 +191,10 @@ def test_the_slots_of_a_dispatcher_that_died_are_free(tmp_path: Path) -> None:
     assert holds.hold(URI, 4, 2) == 2
     assert busy(tmp_path, 4) == [2, 3]
     holds.release_all()
+    assert busy(tmp_path, 4) == []
 
 
-def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path) -> None:
+def test_slots_nix_holds_are_skipped_not_waited_for(tmp_path: Path, switch: str) -> None:
     nix_fd = os.open(tmp_path / f"{lock_prefixes(URI)[0]}-3", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(nix_fd, fcntl.LOCK_EX)  # a running build's slot
     holds = SlotHolds(str(tmp_path))
