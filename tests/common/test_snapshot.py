@@ -44,6 +44,15 @@ def with_demand(s: dict[str, Any], demand: Any) -> dict[str, Any]:
         (json.dumps({**snap(1, 0), "builds": {"active": True}}).encode(), "non-negative"),
         (json.dumps(busy(1, 1, [-1.0])).encode(), "pairs of numbers"),
         (json.dumps(busy(1, 1, [True])).encode(), "pairs of numbers"),
+        # A NaN where min() and max() pass over it, and at the front; an infinity; too many seconds.
+        (json.dumps(busy(1, 1, [1.0, float("nan"), 3.0])).encode(), "pairs of numbers"),
+        (json.dumps(busy(1, 1, [float("nan"), 1.0])).encode(), "pairs of numbers"),
+        (json.dumps(busy(1, 1, [float("inf")])).encode(), "pairs of numbers"),
+        (json.dumps(busy(1, 1, [1e9])).encode(), "pairs of numbers"),
+        (
+            json.dumps({**snap(1, 0), "builds": {"active": 0, "sessions_by_client": {"a": True}}}).encode(),
+            "sessions_by_client",
+        ),
         (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [[1.0]]}}).encode(), "pairs"),
         (json.dumps({**snap(1, 0), "builds": {"active": 0, "finished": [["1", 2]]}}).encode(), "pairs"),
         (json.dumps({**snap(1, 0), "builds": {"active": 0, "ages_seconds": {}}}).encode(), "lists"),
@@ -56,7 +65,15 @@ def test_bad_snapshots_say_what_is_wrong(line: bytes, reason: str) -> None:
 
 
 def test_a_demand_that_is_not_a_count_is_a_bad_snapshot() -> None:
-    for bad in ({"alice": -1}, {"alice": True}, {"alice": "3"}, ["alice"], {f"c{i}": 1 for i in range(5000)}):
+    too_many = {f"c{i}": 1 for i in range(5000)}
+    for bad in (
+        {"alice": -1},
+        {"alice": True},
+        {"alice": "3"},
+        ["alice"],
+        too_many,
+        {"a": 1, "b": 10**6 + 1},
+    ):
         with pytest.raises(BadSnapshot, match="demand_by_client"):
             validate(json.dumps(with_demand(snap(1, 0), bad)).encode())
     assert validate(json.dumps(with_demand(snap(1, 0), {"alice": 2})).encode())["builds"]["demand_by_client"]

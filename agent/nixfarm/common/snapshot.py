@@ -55,7 +55,7 @@ def validate(line: bytes) -> dict[str, Any]:
         raise BadSnapshot(f"missing field {e}") from None
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in checks):
         raise BadSnapshot("max_jobs, active builds and store sizes must be non-negative integers")
-    if not isinstance(sessions, dict) or not all(isinstance(v, int) for v in sessions.values()):
+    if not isinstance(sessions, dict) or not set(map(type, sessions.values())) <= {int}:
         raise BadSnapshot("builds.sessions_by_client must map client names to counts")
     demand = snap["builds"].get("demand_by_client", {})
     counts = demand.values() if isinstance(demand, dict) else [None]
