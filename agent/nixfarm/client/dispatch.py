@@ -750,8 +750,8 @@ class Dispatcher:
 
         def take(lines: list[bytes]) -> None:
             state.heard = time.monotonic()
-            if state.stalled:
-                conn.set_keepalive(0)  # it speaks again: no keepalives (watch_stalls())
+            if lines and state.stalled and state.connection is not None:
+                state.connection.set_keepalive(0)  # snapshots again: no keepalives (watch_stalls())
             for line in lines:
                 state.healthy(validate(line), time.time(), self.settings.disk_grace, line)
                 self.changed(state)
@@ -760,9 +760,9 @@ class Dispatcher:
         async with asyncssh.connect(**b) as conn:
             # watch_stalls() follows it from now on (also while the session opens).
             state.connection, state.heard = conn, time.monotonic()
+            session = SnapshotSession(take)
             try:
                 command = f"nixfarm stream --interval {self.settings.interval:g}"
-                session = SnapshotSession(take)
                 channel, _ = await conn.create_session(lambda: session, command, encoding=None)
                 state.stream_input, state.told = channel, None  # a new stream is told anew
                 accounts = asyncio.create_task(self._poll_accounts(state, conn))
@@ -772,6 +772,7 @@ class Dispatcher:
                     accounts.cancel()
             finally:
                 state.connection = state.stream_input = state.heard = None
+                session.ended.cancel()  # what the closing connection reports, nobody would read
 
     async def _poll_accounts(self, state: BuilderState, conn: asyncssh.SSHClientConnection) -> None:
         """Every ACCOUNTS_EVERY seconds, the builder's accounts (a session on the stream's connection).
