@@ -50,6 +50,17 @@ KNOWN_NETWORK = {
 }
 
 
+def snapshot_of(directory: Path) -> dict[str, Any]:
+    """A real snapshot of this machine, with store, state and nix.conf in `directory`."""
+    collector = Collector(
+        AgentConfig(store_dir=str(directory), state_dir=str(directory), nix_conf_dir=str(directory))
+    )
+    try:
+        return collector.snapshot()
+    finally:
+        collector.close()
+
+
 @pytest.fixture
 def snapshot(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A snapshot of this machine, with a known nix.conf and GC state file."""
@@ -64,13 +75,7 @@ def snapshot(tmp_path: Path) -> Iterator[dict[str, Any]]:
             }
         )
     )
-    collector = Collector(
-        AgentConfig(store_dir=str(tmp_path), state_dir=str(tmp_path), nix_conf_dir=str(tmp_path))
-    )
-    try:
-        snap = collector.snapshot()
-    finally:
-        collector.close()
+    snap = snapshot_of(tmp_path)
     # Whether this machine runs a nix-daemon, or lets us read netlink, is not up to the test.
     snap["nix_daemon_memory"] = dict(KNOWN_DAEMON_MEMORY)
     snap["network"] = dict(KNOWN_NETWORK)
@@ -267,13 +272,7 @@ def test_without_psi_and_network(snapshot: dict[str, Any]) -> None:
 
 def test_real_snapshot_sections_have_the_expected_shape(tmp_path: Path) -> None:
     """The unmodified snapshot of this machine renders too (whatever its daemon and network)."""
-    collector = Collector(
-        AgentConfig(store_dir=str(tmp_path), state_dir=str(tmp_path), nix_conf_dir=str(tmp_path))
-    )
-    try:
-        snap = collector.snapshot()
-    finally:
-        collector.close()
+    snap = snapshot_of(tmp_path)
     fams = families(render(snap))
     assert value(fams, "nixfarm_max_jobs") == 1
     assert value(fams, "nixfarm_max_free_bytes") == math.inf
