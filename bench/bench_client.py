@@ -345,7 +345,9 @@ def _drain(fd: int) -> None:
 
 def default_old_rev() -> str:
     out = subprocess.run(["git", "-C", str(HERE.parent), "merge-base", "HEAD", "origin/main"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode != 0:
+        sys.exit(f"bench_client: no baseline: {out.stderr.strip()}; name one with --old-rev REV")
     return out.stdout.strip()[:12]
 
 
@@ -424,6 +426,8 @@ def main() -> int:
     if not set(codes) <= set(CODES):
         parser.error(f"--codes: of {', '.join(CODES)}")
     window = 15.0 if args.quick else 30.0
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)  # the dispatcher writes into it, silently
     results = run(counts, window, args.old_rev or default_old_rev(), codes, args.profile)
     results = {"machine": machine_info(), "quick": args.quick, "profiled": bool(args.profile), **results}
     if args.json:
