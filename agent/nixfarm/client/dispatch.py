@@ -45,6 +45,7 @@ from ..common.atomic import write_atomic
 from ..common.inotify import InotifyUnavailable
 from ..common.snapshot import MAX_LINE, BadSnapshot, validate
 from .inventory import Builder, Inventory
+from .loop import batching_loop
 from .passes import HookPasses
 from .slots import PROC_LOCKS, SlotHolds, flocked_inodes
 from .sshconn import connect_options, run_for_line
@@ -829,5 +830,7 @@ def run_dispatch(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(main())
+    # Input is taken in batches, as often as the hooks are polled (loop.py).
+    with asyncio.Runner(loop_factory=lambda: batching_loop(HOOK_POLL)) as runner:
+        runner.run(main())
     return 0
