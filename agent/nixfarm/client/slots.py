@@ -87,7 +87,9 @@ def rename_exchange(a: str, b: str) -> None:
 
 
 def raise_open_file_limit() -> None:
-    """Every held slot is an open file (two): lift the soft limit to the hard one."""
+    """Lift the soft limit on open files to the hard one: a dispatcher has one per SSH
+    connection, and one per builder and naming whose slot 0 it holds (SlotHolds), so
+    a farm of some hundreds of builders can pass systemd's default soft limit, 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
