@@ -29,11 +29,11 @@ def connect_options(
     builder: Builder,
     *,
     connect_timeout: float,
-    keepalive: float | None = None,
-    keepalive_count: int = 3,
 ) -> dict[str, Any]:
-    """asyncssh.connect() arguments: the client key, the pinned host key, timeouts, keepalives."""
-    options: dict[str, Any] = {
+    """asyncssh.connect() arguments: the client key, the pinned host key, the connect timeout.
+
+    No keepalives: the dispatcher turns them on itself, only while a stream is silent."""
+    return {
         "host": builder.address,
         "port": builder.port,
         "username": builder.ssh_user,
@@ -43,10 +43,6 @@ def connect_options(
         "config": None,
         "connect_timeout": connect_timeout,
     }
-    if keepalive is not None:
-        options["keepalive_interval"] = keepalive
-        options["keepalive_count_max"] = keepalive_count
-    return options
 
 
 async def read_bounded(stream: asyncssh.SSHReader[bytes], limit: int) -> tuple[bytes, bool]:
